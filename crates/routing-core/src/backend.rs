@@ -1,0 +1,147 @@
+//! What an adapter (diesel, sqlx, ...) teaches the router: how to pool, check out and query a
+//! connection. No routing decision lives in an adapter.
+
+use std::future::Future;
+use std::ops::DerefMut;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::{BackendError, ErrorKind, NodeConfig, PoolSettings};
+
+/// What a pool's sessions are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// Writes. At connect and at checkout the adapter runs [`sql::WRITER_CHECK`] and refuses a node
+    /// that answers `true` (in recovery) with [`ErrorKind::NotWriter`].
+    ReadWrite,
+    /// Reads. Sessions are made read-only at the server (`default_transaction_read_only = on`).
+    ReadOnly,
+    /// The monitor's probes: read-only, one connection, short statement timeout.
+    Probe,
+}
+
+/// Queries the adapters run on the router's behalf. Every function and operator is
+/// schema-qualified, so objects an attacker creates in `public` are never called.
+/// Each returns one text column named `v`.
+pub mod sql {
+    /// Checkout/connect check of writer sessions: must answer `false`.
+    pub const WRITER_CHECK: &str = "SELECT pg_catalog.pg_is_in_recovery()::pg_catalog.text AS v";
+    /// Checkout ping of reader sessions.
+    pub const PING: &str = "SELECT '1'::pg_catalog.text AS v";
+    /// The session's WAL position after a commit: the LSN a reader must reach to see that commit.
+    pub const COMMIT_LSN: &str = "SELECT pg_catalog.pg_current_wal_lsn()::pg_catalog.text AS v";
+    /// A replica's replay position (NULL on a primary).
+    pub const REPLAY_LSN: &str = "SELECT pg_catalog.pg_last_wal_replay_lsn()::pg_catalog.text AS v";
+    /// The monitor's probe; parsed by `crate::probe::ProbeReport::parse`.
+    pub const PROBE: &str = "SELECT pg_catalog.concat_ws(' ', \
+        r::pg_catalog.text, \
+        pg_catalog.coalesce((CASE WHEN r THEN pg_catalog.pg_last_wal_replay_lsn() ELSE pg_catalog.pg_current_wal_lsn() END)::pg_catalog.text, '-'), \
+        pg_catalog.coalesce(pg_catalog.pg_last_wal_receive_lsn()::pg_catalog.text, '-'), \
+        pg_catalog.coalesce(pg_catalog.round(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) pg_catalog.pg_last_xact_replay_timestamp()) OPERATOR(pg_catalog.*) 1000)::pg_catalog.int8::pg_catalog.text, '-'), \
+        pg_catalog.coalesce(CASE WHEN r THEN (SELECT w.received_tli FROM pg_catalog.pg_stat_wal_receiver w)::pg_catalog.text \
+            ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END, '-'), \
+        pg_catalog.coalesce((SELECT s.system_identifier FROM pg_catalog.pg_control_system() s)::pg_catalog.text, '-')) AS v \
+        FROM (SELECT pg_catalog.pg_is_in_recovery() AS r) AS probe";
+    /// Session setting that makes a reader session refuse writes at the server.
+    pub const READ_ONLY_SETTING: (&str, &str) = ("default_transaction_read_only", "on");
+}
+
+/// The topology generation, shared by the router and every pool. Bumped on any role change;
+/// a pooled connection made under an older generation is never handed out again.
+#[derive(Debug, Clone)]
+pub struct Epoch(Arc<EpochInner>);
+
+#[derive(Debug)]
+struct EpochInner {
+    generation: AtomicU64,
+    origin: Instant,
+    bumped_at_nanos: AtomicU64,
+}
+
+impl Default for Epoch {
+    fn default() -> Self {
+        Epoch(Arc::new(EpochInner {
+            generation: AtomicU64::new(1),
+            origin: Instant::now(),
+            bumped_at_nanos: AtomicU64::new(0),
+        }))
+    }
+}
+
+impl Epoch {
+    /// The current generation: stamp it on a connection when it is made.
+    pub fn generation(&self) -> u64 {
+        self.0.generation.load(Ordering::Acquire)
+    }
+
+    /// May a connection stamped with `generation` be handed out?
+    pub fn admits(&self, generation: u64) -> bool {
+        generation == self.generation()
+    }
+
+    /// For drivers that cannot stamp connections but know their age: may a connection of this
+    /// age be handed out (was it made after the last bump)?
+    pub fn admits_age(&self, age: Duration) -> bool {
+        let bumped = Duration::from_nanos(self.0.bumped_at_nanos.load(Ordering::Acquire));
+        let since_bump = self.0.origin.elapsed().saturating_sub(bumped);
+        age < since_bump
+    }
+
+    pub(crate) fn bump(&self) -> u64 {
+        let nanos = u64::try_from(self.0.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.0.bumped_at_nanos.store(nanos, Ordering::Release);
+        self.0.generation.fetch_add(1, Ordering::AcqRel) + 1
+    }
+}
+
+/// Everything an adapter needs to build one node's pool.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    /// The node.
+    pub node: NodeConfig,
+    /// What the sessions are for.
+    pub access: Access,
+    /// Sizes, timeouts, pre-ping.
+    pub settings: PoolSettings,
+    /// The topology generation to check at checkout.
+    pub epoch: Epoch,
+}
+
+/// An adapter for one database driver. The router is generic over it; conformance tests run the
+/// same suite on every implementation.
+pub trait Backend: Send + Sync + 'static {
+    /// A pool of sessions to one node for one [`Access`].
+    type Pool: Send + Sync + 'static;
+    /// A session checked out of a pool; returns to its pool when dropped.
+    type Pooled: DerefMut<Target = Self::Connection> + Send + 'static;
+    /// The driver's connection type that application code runs queries on.
+    type Connection: Send + ?Sized;
+    /// The driver's query error.
+    type QueryError: std::error::Error + Send + Sync + 'static;
+
+    /// Builds a pool without connecting (nodes may be down when the router starts). Readers must
+    /// be read-only at the server; writers must verify the node is not in recovery; all must
+    /// refuse connections from an older [`Epoch`] generation at checkout.
+    fn build_pool(&self, spec: PoolSpec) -> Result<Self::Pool, BackendError>;
+
+    /// Checks a session out (pre-ping and generation check included), within the pool's timeout.
+    fn checkout(
+        pool: &Self::Pool,
+    ) -> impl Future<Output = Result<Self::Pooled, BackendError>> + Send + '_;
+
+    /// Runs `sql` and returns the first column (named `v`) of the first row as text.
+    fn query_text<'a>(
+        pooled: &'a mut Self::Pooled,
+        sql: &'a str,
+    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send + 'a;
+
+    /// Runs `sql` (no result rows) and returns the number of rows affected.
+    fn execute<'a>(
+        pooled: &'a mut Self::Pooled,
+        sql: &'a str,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send + 'a;
+
+    /// Classifies a driver error from application queries.
+    fn classify(err: &Self::QueryError) -> ErrorKind;
+}

@@ -1,0 +1,257 @@
+//! Router configuration, validated once at build time.
+
+use std::time::Duration;
+
+use crate::{ConnString, Consistency, Error, Region};
+
+/// What the operator expects a node to be. Roles are always verified by probing: a
+/// `Replica` that gets promoted becomes the writer, a `WriterCandidate` found in recovery serves reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RoleHint {
+    /// Expected to be (or become) the primary; preferred among equal writers.
+    WriterCandidate,
+    /// Expected to be a streaming replica.
+    Replica,
+}
+
+/// One node of the cluster.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Unique name, used in errors, logs and metrics.
+    pub name: String,
+    /// Connection string (URL or conninfo); its password never appears in output.
+    pub url: ConnString,
+    /// Expected role.
+    pub role: RoleHint,
+    /// Region tag for locality.
+    pub region: Option<Region>,
+    /// Relative share of reads for weighted pickers (0 = never picked while others are eligible).
+    pub weight: u32,
+}
+
+impl NodeConfig {
+    /// A writer candidate.
+    pub fn writer(name: impl Into<String>, url: impl Into<ConnString>) -> Self {
+        Self::new(name, url, RoleHint::WriterCandidate)
+    }
+
+    /// A replica.
+    pub fn replica(name: impl Into<String>, url: impl Into<ConnString>) -> Self {
+        Self::new(name, url, RoleHint::Replica)
+    }
+
+    fn new(name: impl Into<String>, url: impl Into<ConnString>, role: RoleHint) -> Self {
+        NodeConfig {
+            name: name.into(),
+            url: url.into(),
+            role,
+            region: None,
+            weight: 1,
+        }
+    }
+
+    /// Sets the region.
+    pub fn region(mut self, region: impl Into<Region>) -> Self {
+        self.region = Some(region.into());
+        self
+    }
+
+    /// Sets the weight.
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+}
+
+/// When a replica is too far behind to serve reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LagBounds {
+    /// Exclude when more than this many bytes behind the primary.
+    pub max_bytes: Option<u64>,
+    /// Exclude when more than this far behind in time.
+    pub max_time: Option<Duration>,
+    /// Re-admit only once lag is below this fraction of the bound (hysteresis, no flapping).
+    pub readmit_ratio: f64,
+}
+
+impl Default for LagBounds {
+    fn default() -> Self {
+        // Tighter than GitLab's 8 MB / 60 s: stale-but-eligible replicas are what Eventual serves.
+        LagBounds {
+            max_bytes: Some(16 * 1024 * 1024),
+            max_time: Some(Duration::from_secs(10)),
+            readmit_ratio: 0.5,
+        }
+    }
+}
+
+/// How long a failed replica stays out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BanPolicy {
+    /// First ban.
+    pub base: Duration,
+    /// Longest ban; bans double up to this on consecutive failures.
+    pub max: Duration,
+}
+
+impl Default for BanPolicy {
+    fn default() -> Self {
+        BanPolicy {
+            base: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Pool settings the adapters apply to every node pool.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolSettings {
+    /// Connections per node and access mode.
+    pub max_size: u32,
+    /// Longest wait for a connection (connect included).
+    pub connect_timeout: Duration,
+    /// Connections older than this are closed (recycling across failovers and DNS changes).
+    pub max_lifetime: Option<Duration>,
+    /// Idle connections older than this are closed.
+    pub idle_timeout: Option<Duration>,
+    /// Validate a pooled connection (and, for writers, that its node is still read-write) at checkout.
+    pub pre_ping: bool,
+    /// Server-side statement timeout for this pool's sessions (used for probes).
+    pub statement_timeout: Option<Duration>,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            max_size: 16,
+            connect_timeout: Duration::from_secs(2),
+            max_lifetime: Some(Duration::from_secs(30 * 60)),
+            idle_timeout: Some(Duration::from_secs(10 * 60)),
+            pre_ping: true,
+            statement_timeout: None,
+        }
+    }
+}
+
+/// What reads do when the marks store cannot answer (down, or slower than `marks_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum MarksFailure {
+    /// Read on the primary (read-only). Safe: never stale.
+    #[default]
+    Primary,
+    /// Treat the user as having no mark. Fast, but may serve a user their own stale data.
+    Eventual,
+}
+
+/// Everything tunable about a router. `Default` is what we recommend.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Mode used when a request does not choose.
+    pub default_consistency: Consistency,
+    /// How often the monitor probes each node.
+    pub probe_interval: Duration,
+    /// A probe slower than this counts as a failure.
+    pub probe_timeout: Duration,
+    /// How long a write waits for a reachable primary before failing.
+    pub write_deadline: Duration,
+    /// How long an LSN-mode read may wait for a replica to catch up before using the primary.
+    pub wait_budget: Duration,
+    /// Lag bounds for replicas.
+    pub lag: LagBounds,
+    /// Ban backoff for failing replicas.
+    pub ban: BanPolicy,
+    /// How long a recent-writer mark lives.
+    pub mark_ttl: Duration,
+    /// Longest wait for the marks store on a request.
+    pub marks_timeout: Duration,
+    /// What to do when the marks store fails.
+    pub on_marks_failure: MarksFailure,
+    /// Pools for application connections.
+    pub pool: PoolSettings,
+    /// A token LSN further than this beyond the primary's known position is rejected.
+    pub future_lsn_tolerance: u64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            default_consistency: Consistency::ReadYourWrites,
+            probe_interval: Duration::from_millis(250),
+            probe_timeout: Duration::from_secs(1),
+            write_deadline: Duration::from_secs(5),
+            wait_budget: Duration::from_millis(50),
+            lag: LagBounds::default(),
+            ban: BanPolicy::default(),
+            mark_ttl: Duration::from_secs(30),
+            marks_timeout: Duration::from_millis(50),
+            on_marks_failure: MarksFailure::Primary,
+            pool: PoolSettings::default(),
+            future_lsn_tolerance: 256 * 1024 * 1024,
+        }
+    }
+}
+
+impl RouterConfig {
+    /// Rejects configurations that cannot work, naming the field.
+    pub fn validate(&self, nodes: &[NodeConfig]) -> Result<(), Error> {
+        let bad = |what: &str| Err(Error::Config(what.to_string()));
+        if nodes.is_empty() {
+            return bad("no nodes configured");
+        }
+        let mut names = std::collections::HashSet::new();
+        for n in nodes {
+            if n.name.is_empty() {
+                return bad("a node has an empty name");
+            }
+            if !names.insert(n.name.as_str()) {
+                return Err(Error::Config(format!("duplicate node name {:?}", n.name)));
+            }
+            if n.url.expose().trim().is_empty() {
+                return Err(Error::Config(format!("node {:?} has an empty URL", n.name)));
+            }
+        }
+        let hour = Duration::from_secs(3600);
+        let ranged = |name: &str, d: Duration, min: Duration, max: Duration| -> Result<(), Error> {
+            if d < min || d > max {
+                return Err(Error::Config(format!(
+                    "{name} = {d:?} is outside {min:?}..={max:?}"
+                )));
+            }
+            Ok(())
+        };
+        let ms = Duration::from_millis;
+        ranged("probe_interval", self.probe_interval, ms(10), hour)?;
+        ranged("probe_timeout", self.probe_timeout, ms(10), ms(60_000))?;
+        ranged("write_deadline", self.write_deadline, ms(1), ms(600_000))?;
+        ranged("wait_budget", self.wait_budget, Duration::ZERO, ms(60_000))?;
+        ranged(
+            "mark_ttl",
+            self.mark_ttl,
+            ms(1),
+            Duration::from_secs(7 * 24 * 3600),
+        )?;
+        ranged("marks_timeout", self.marks_timeout, ms(1), ms(60_000))?;
+        ranged(
+            "pool.connect_timeout",
+            self.pool.connect_timeout,
+            ms(10),
+            ms(600_000),
+        )?;
+        ranged("ban.base", self.ban.base, ms(1), hour)?;
+        ranged("ban.max", self.ban.max, self.ban.base, 24 * hour)?;
+        if self.pool.max_size == 0 || self.pool.max_size > 10_000 {
+            return bad("pool.max_size must be within 1..=10000");
+        }
+        if !(self.lag.readmit_ratio > 0.0 && self.lag.readmit_ratio <= 1.0) {
+            return bad("lag.readmit_ratio must be within (0, 1]");
+        }
+        if let Consistency::RecentWriterTtl { ttl } = self.default_consistency
+            && ttl > self.mark_ttl
+        {
+            return bad("RecentWriterTtl ttl must not exceed mark_ttl (marks would expire first)");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! The one error type of routing-core, with variants a caller can act on.
+
+use std::time::Duration;
+
+use crate::TokenError;
+
+/// What went wrong talking to a node, as the adapters classify their driver's errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The node could not be reached or the connection broke.
+    Connection,
+    /// The statement tried to write in a read-only session (SQLSTATE 25006).
+    ReadOnly,
+    /// A writer connection landed on a node in recovery (role changed under a stable endpoint).
+    NotWriter,
+    /// Authentication or authorization failed.
+    Auth,
+    /// The connection string is invalid.
+    Config,
+    /// Timed out (pool wait or statement timeout).
+    Timeout,
+    /// Any other query error.
+    Query,
+}
+
+impl ErrorKind {
+    /// Errors that say the node (or our view of it) is wrong, so the topology is re-probed at once.
+    pub fn calls_for_reprobe(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Connection | ErrorKind::ReadOnly | ErrorKind::NotWriter | ErrorKind::Timeout
+        )
+    }
+}
+
+/// A driver error, classified, with passwords redacted from its text.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct BackendError {
+    /// Classification.
+    pub kind: ErrorKind,
+    /// SQLSTATE when the server sent one.
+    pub sqlstate: Option<String>,
+    /// Redacted message.
+    pub message: String,
+    /// The driver's error.
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl BackendError {
+    /// Builds one; `message` is redacted here so adapters cannot forget.
+    pub fn new(kind: ErrorKind, message: impl AsRef<str>) -> Self {
+        BackendError {
+            kind,
+            sqlstate: None,
+            message: crate::secret::redact(message.as_ref()),
+            source: None,
+        }
+    }
+
+    /// Attaches the SQLSTATE; 25006 makes it `ReadOnly` whatever the adapter said.
+    pub fn with_sqlstate(mut self, code: impl Into<String>) -> Self {
+        let code = code.into();
+        if code == "25006" {
+            self.kind = ErrorKind::ReadOnly;
+        }
+        self.sqlstate = Some(code);
+        self
+    }
+
+    /// Attaches the driver's error.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+}
+
+/// Everything the router can refuse or fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration cannot work; fix it and rebuild.
+    #[error("invalid router configuration: {0}")]
+    Config(String),
+    /// No reachable primary within the write deadline. Nothing was sent: safe to retry.
+    #[error("no primary accepted a connection within {waited:?}; the write was not sent")]
+    NoPrimary {
+        /// How long the router waited.
+        waited: Duration,
+    },
+    /// No node could serve the read (every replica and the primary failed).
+    #[error("no node could serve the read: {reason}")]
+    NoReader {
+        /// Why.
+        reason: String,
+    },
+    /// A write reached a read-only session (SQLSTATE 25006): the caller used a read connection
+    /// for a write. Nothing was written.
+    #[error("write attempted on read-only node {node}: use a write connection")]
+    MisroutedWrite {
+        /// Node that refused the write.
+        node: String,
+    },
+    /// The connection to the primary was lost after work was sent: the write may or may not have
+    /// committed. Not retried automatically; the caller must check or make the write idempotent.
+    #[error("connection to primary {node} lost during a write: outcome unknown")]
+    WriteOutcomeUnknown {
+        /// The primary.
+        node: String,
+        /// Driver error.
+        #[source]
+        source: BackendError,
+    },
+    /// The node refused the write because it is no longer the primary (demoted or fenced under a
+    /// stable endpoint). Nothing was written: safe to retry; the topology is being re-probed.
+    #[error("node {node} refused the write: it is no longer the primary")]
+    WriteRejected {
+        /// The node.
+        node: String,
+        /// Driver error.
+        #[source]
+        source: BackendError,
+    },
+    /// The client's causal token was rejected.
+    #[error("causal token rejected: {0}")]
+    Token(#[from] TokenError),
+    /// Waiting for a replica to replay an LSN took longer than the budget.
+    #[error("replica {node} did not reach the required LSN within {budget:?}")]
+    WaitBudgetExceeded {
+        /// The replica.
+        node: String,
+        /// The budget.
+        budget: Duration,
+    },
+    /// A node's driver reported an error.
+    #[error("node {node}: {source}")]
+    Backend {
+        /// The node.
+        node: String,
+        /// The classified driver error.
+        #[source]
+        source: BackendError,
+    },
+    /// The router was shut down.
+    #[error("router is shut down")]
+    Shutdown,
+}
+
+impl Error {
+    /// True when nothing reached the database, so the same call may be retried.
+    pub fn is_safe_to_retry(&self) -> bool {
+        matches!(
+            self,
+            Error::NoPrimary { .. }
+                | Error::NoReader { .. }
+                | Error::WaitBudgetExceeded { .. }
+                | Error::WriteRejected { .. }
+        )
+    }
+}

@@ -1,0 +1,49 @@
+//! # routing-core
+//!
+//! The routing model for a PostgreSQL primary with streaming replicas: every routing decision
+//! lives here, once, and driver adapters (`routing-diesel`, `routing-sqlx`) only teach it how to
+//! pool and query a connection through the [`Backend`] trait.
+//!
+//! - [`Router`] hands out [`WriteConn`]s (always the primary) and [`ReadConn`]s (a replica, or the
+//!   primary in a read-only session), routed by a [`Consistency`] mode per request.
+//! - A monitor task probes every node, elects the writer (newest timeline wins, others are fenced),
+//!   tracks lag, bans failing replicas with backoff, and bumps a generation on role changes so old
+//!   pooled connections are never handed out again.
+//! - Read-your-writes uses commit LSNs: the user's [`WriterMarks`] mark or a signed
+//!   [`CausalToken`] says which LSN a replica must have replayed.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the request flow and invariants.
+
+mod backend;
+mod config;
+mod context;
+mod error;
+mod lsn;
+mod marks;
+mod monitor;
+mod policy;
+mod probe;
+mod router;
+mod secret;
+mod stats;
+mod token;
+mod topology;
+
+pub use backend::{Access, Backend, Epoch, PoolSpec, sql};
+pub use config::{
+    BanPolicy, LagBounds, MarksFailure, NodeConfig, PoolSettings, RoleHint, RouterConfig,
+};
+pub use context::{Consistency, Region, RequestContext, UserKey};
+pub use error::{BackendError, Error, ErrorKind};
+pub use lsn::{Lsn, LsnParseError};
+pub use marks::{InMemoryMarks, Mark, MarksError, WriterMarks};
+pub use policy::{Candidate, LeastOutstanding, Random, RegionPolicy, ReplicaPicker, RoundRobin};
+pub use probe::{ProbeParseError, ProbeReport};
+pub use router::{ReadConn, Router, RouterBuilder, WriteConn, WriteReceipt};
+pub use secret::{ConnString, redact};
+pub use stats::RouterStats;
+pub use token::{CausalToken, MAX_TOKEN_TEXT, TokenCodec, TokenError, TokenKey, WeakKey};
+pub use topology::{NodeRole, NodeStatus, Snapshot};
+
+/// `futures_util`'s boxed future, used by [`WriterMarks`] and [`Router::read_retrying`].
+pub use futures_util::future::BoxFuture;

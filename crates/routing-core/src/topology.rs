@@ -1,0 +1,326 @@
+//! The cluster as the monitor sees it: roles, health, lag, bans, and the writer election.
+//! Pure state: probes and failures go in, immutable [`Snapshot`]s come out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::{BanPolicy, Epoch, LagBounds, Lsn, NodeConfig, ProbeReport, Region, RoleHint};
+
+/// A node's role as last observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeRole {
+    /// Never probed successfully.
+    Unknown,
+    /// The elected writer: out of recovery, newest timeline.
+    Primary,
+    /// In recovery (a streaming replica).
+    Replica,
+    /// Out of recovery but not the elected writer (an old primary after a promotion, or one on an
+    /// older timeline). Never written to or read from until it is seen in recovery again.
+    Fenced,
+}
+
+/// One node in a [`Snapshot`].
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    /// Configured name.
+    pub name: Arc<str>,
+    /// Configured region.
+    pub region: Option<Region>,
+    /// Configured role hint.
+    pub hint: RoleHint,
+    /// Configured weight.
+    pub weight: u32,
+    /// Observed role.
+    pub role: NodeRole,
+    /// Did the last probe succeed?
+    pub reachable: bool,
+    /// Replay LSN (replica) or current LSN (primary) at the last probe.
+    pub lsn: Option<Lsn>,
+    /// Receive LSN (replica).
+    pub receive_lsn: Option<Lsn>,
+    /// Bytes behind the primary at the last probe.
+    pub lag_bytes: Option<u64>,
+    /// Time behind the primary at the last probe (zero when caught up, whatever the timestamps say).
+    pub lag: Option<Duration>,
+    /// Replay speed estimate, bytes per second.
+    pub replay_rate: Option<f64>,
+    /// Timeline.
+    pub timeline: Option<u32>,
+    /// Cluster system identifier.
+    pub system_id: Option<u64>,
+    /// Not used for reads until then.
+    pub banned_until: Option<Instant>,
+    /// Failures since the last success.
+    pub consecutive_failures: u32,
+    /// Out of the read rotation for lag (with hysteresis).
+    pub lag_excluded: bool,
+    /// When the last probe answered.
+    pub last_probe: Option<Instant>,
+    /// The last failure, redacted.
+    pub last_error: Option<String>,
+    last_caught_up: Option<Instant>,
+    rate_sample: Option<(Instant, Lsn)>,
+    in_recovery: Option<bool>,
+    fenced: bool,
+}
+
+impl NodeStatus {
+    /// May this node serve `Eventual` reads now?
+    pub fn is_readable_replica(&self, now: Instant) -> bool {
+        self.role == NodeRole::Replica
+            && self.reachable
+            && self.lsn.is_some()
+            && !self.lag_excluded
+            && self.banned_until.is_none_or(|t| t <= now)
+    }
+}
+
+/// An immutable view of the topology, published by the monitor and read lock-free by requests.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Bumped on every role change.
+    pub generation: u64,
+    /// Index of the elected writer, if one is reachable.
+    pub writer: Option<usize>,
+    /// Every configured node, in configuration order.
+    pub nodes: Vec<NodeStatus>,
+    /// The writer's latest LSN.
+    pub primary_lsn: Option<Lsn>,
+    /// The writer's timeline.
+    pub timeline: Option<u32>,
+    /// The cluster's system identifier.
+    pub system_id: Option<u64>,
+}
+
+impl Snapshot {
+    /// The writer's status.
+    pub fn writer(&self) -> Option<&NodeStatus> {
+        self.writer.map(|i| &self.nodes[i])
+    }
+}
+
+/// Mutable topology state; the router keeps it behind a mutex and publishes snapshots.
+#[derive(Debug)]
+pub(crate) struct Topology {
+    snap: Snapshot,
+    lag: LagBounds,
+    ban: BanPolicy,
+    epoch: Epoch,
+    /// Highest timeline any writer was seen on: primaries below it are fenced.
+    max_timeline: u32,
+}
+
+impl Topology {
+    pub(crate) fn new(nodes: &[NodeConfig], lag: LagBounds, ban: BanPolicy, epoch: Epoch) -> Self {
+        let nodes = nodes
+            .iter()
+            .map(|n| NodeStatus {
+                name: Arc::from(n.name.as_str()),
+                region: n.region.clone(),
+                hint: n.role,
+                weight: n.weight,
+                role: NodeRole::Unknown,
+                reachable: false,
+                lsn: None,
+                receive_lsn: None,
+                lag_bytes: None,
+                lag: None,
+                replay_rate: None,
+                timeline: None,
+                system_id: None,
+                banned_until: None,
+                consecutive_failures: 0,
+                lag_excluded: false,
+                last_probe: None,
+                last_error: None,
+                last_caught_up: None,
+                rate_sample: None,
+                in_recovery: None,
+                fenced: false,
+            })
+            .collect();
+        let generation = epoch.generation();
+        Topology {
+            snap: Snapshot {
+                generation,
+                writer: None,
+                nodes,
+                primary_lsn: None,
+                timeline: None,
+                system_id: None,
+            },
+            lag,
+            ban,
+            epoch,
+            max_timeline: 0,
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        self.snap.clone()
+    }
+
+    /// Records a probe answer and re-elects the writer. Returns true when a role changed.
+    pub(crate) fn apply_probe(&mut self, i: usize, report: ProbeReport, now: Instant) -> bool {
+        let primary_lsn = self.snap.primary_lsn;
+        let node = &mut self.snap.nodes[i];
+        node.reachable = true;
+        node.last_probe = Some(now);
+        node.last_error = None;
+        if node.banned_until.is_none_or(|t| t <= now) {
+            node.banned_until = None;
+            node.consecutive_failures = 0;
+        }
+        if let (Some((t0, l0)), Some(l1)) = (node.rate_sample, report.lsn) {
+            let dt = now.saturating_duration_since(t0).as_secs_f64();
+            if dt > 0.0 {
+                let sample = l1.bytes_after(l0) as f64 / dt;
+                node.replay_rate =
+                    Some(node.replay_rate.map_or(sample, |r| 0.7 * r + 0.3 * sample));
+            }
+        }
+        node.rate_sample = report.lsn.map(|l| (now, l));
+        node.lsn = report.lsn;
+        node.receive_lsn = report.receive_lsn;
+        node.timeline = report.timeline;
+        if report.system_id.is_some() {
+            node.system_id = report.system_id;
+        }
+        if report.in_recovery {
+            match (primary_lsn, report.lsn) {
+                (Some(p), Some(r)) if r >= p => {
+                    node.last_caught_up = Some(now);
+                    node.lag_bytes = Some(0);
+                    node.lag = Some(Duration::ZERO);
+                }
+                (p, _) => {
+                    node.lag_bytes = p.zip(report.lsn).map(|(p, r)| p.bytes_after(r));
+                    let since_caught_up = node
+                        .last_caught_up
+                        .map(|t| now.saturating_duration_since(t));
+                    node.lag = match (report.replay_age, since_caught_up) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+            }
+            node.lag_excluded =
+                lag_exclusion(&self.lag, node.lag_excluded, node.lag_bytes, node.lag);
+        } else {
+            node.lag_bytes = Some(0);
+            node.lag = Some(Duration::ZERO);
+            node.lag_excluded = false;
+        }
+        node.in_recovery = Some(report.in_recovery);
+        self.elect()
+    }
+
+    /// Records a failed probe or a failed checkout: the node is unreachable and, if it serves
+    /// reads, banned with exponential backoff. Returns true when a role changed.
+    pub(crate) fn apply_failure(&mut self, i: usize, why: &str, now: Instant) -> bool {
+        let ban = self.ban;
+        let node = &mut self.snap.nodes[i];
+        let already_banned = node.banned_until.is_some_and(|t| t > now);
+        node.reachable = false;
+        node.last_error = Some(crate::secret::redact(why));
+        if !already_banned {
+            node.consecutive_failures = node.consecutive_failures.saturating_add(1);
+            let shift = node.consecutive_failures.saturating_sub(1).min(20);
+            let backoff = ban.base.saturating_mul(1u32 << shift).min(ban.max);
+            node.banned_until = Some(now + backoff);
+        }
+        self.elect()
+    }
+
+    /// Chooses the writer among reachable, unfenced, out-of-recovery nodes on the newest timeline:
+    /// then the current writer (no flapping), then writer candidates, then configuration order.
+    /// Every other reachable out-of-recovery node is fenced until it is seen in recovery again.
+    /// Returns true when a role or the writer changed (and bumps the generation).
+    fn elect(&mut self) -> bool {
+        let old_writer = self.snap.writer;
+        let before: Vec<NodeRole> = self.snap.nodes.iter().map(|n| n.role).collect();
+        for n in &mut self.snap.nodes {
+            if n.in_recovery == Some(true) {
+                n.fenced = false;
+            }
+            if n.reachable && n.in_recovery == Some(false) && !n.fenced {
+                self.max_timeline = self.max_timeline.max(n.timeline.unwrap_or(0));
+            }
+        }
+        let max_tl = self.max_timeline;
+        let key = |i: usize, n: &NodeStatus| {
+            (
+                old_writer == Some(i),
+                n.hint == RoleHint::WriterCandidate,
+                std::cmp::Reverse(i),
+            )
+        };
+        let writer = self
+            .snap
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| {
+                n.reachable
+                    && n.in_recovery == Some(false)
+                    && !n.fenced
+                    && n.timeline.unwrap_or(0) >= max_tl
+            })
+            .max_by_key(|(i, n)| key(*i, n))
+            .map(|(i, _)| i);
+        for (i, n) in self.snap.nodes.iter_mut().enumerate() {
+            if n.reachable && n.in_recovery == Some(false) && Some(i) != writer {
+                n.fenced = true;
+            }
+            n.role = match n.in_recovery {
+                None => NodeRole::Unknown,
+                Some(true) => NodeRole::Replica,
+                Some(false) if n.fenced || n.timeline.unwrap_or(0) < max_tl => NodeRole::Fenced,
+                Some(false) => NodeRole::Primary,
+            };
+        }
+        self.snap.writer = writer;
+        if let Some(w) = writer {
+            let wn = &self.snap.nodes[w];
+            self.snap.primary_lsn = match (self.snap.primary_lsn, wn.lsn) {
+                (Some(a), Some(b)) if old_writer == Some(w) => Some(a.max(b)),
+                (_, b) => b.or(self.snap.primary_lsn),
+            };
+            self.snap.timeline = wn.timeline;
+            if wn.system_id.is_some() {
+                self.snap.system_id = wn.system_id;
+            }
+        }
+        let changed = writer != old_writer
+            || self
+                .snap
+                .nodes
+                .iter()
+                .zip(&before)
+                .any(|(n, b)| n.role != *b);
+        if changed {
+            self.snap.generation = self.epoch.bump();
+        }
+        changed
+    }
+}
+
+fn lag_exclusion(
+    bounds: &LagBounds,
+    excluded: bool,
+    bytes: Option<u64>,
+    time: Option<Duration>,
+) -> bool {
+    let over = |ratio: f64| {
+        let b = matches!((bounds.max_bytes, bytes), (Some(max), Some(b)) if (b as f64) > max as f64 * ratio);
+        let t = matches!((bounds.max_time, time), (Some(max), Some(t)) if t.as_secs_f64() > max.as_secs_f64() * ratio);
+        b || t
+    };
+    if excluded {
+        over(bounds.readmit_ratio)
+    } else {
+        over(1.0)
+    }
+}
