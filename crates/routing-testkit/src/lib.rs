@@ -1,0 +1,28 @@
+//! Throwaway PostgreSQL primary + streaming replicas (+ Redis) for tests, from the machine's own
+//! binaries, with fault injection: replication lag, paused replay, crashes, failover, a dead Redis,
+//! and a TCP proxy that can blackhole or slow a node.
+//!
+//! The API is blocking on purpose: it works the same from plain `#[test]`s and from any async
+//! runtime (use a multi-thread runtime, or `spawn_blocking`). Every wait has a timeout, and every
+//! process and directory is removed on drop, on panic, and (through a watchdog process) when the
+//! test process dies without dropping.
+//!
+//! ```no_run
+//! let c = routing_testkit::ClusterBuilder::new().replicas(1).start()?;
+//! c.psql(0, "CREATE TABLE t (x int); INSERT INTO t VALUES (1)")?;
+//! c.wait_replicated(std::time::Duration::from_secs(5))?;
+//! assert_eq!(c.psql(1, "SELECT x FROM t")?, "1");
+//! # Ok::<(), routing_testkit::KitError>(())
+//! ```
+
+mod bins;
+mod cleanup;
+mod cluster;
+mod error;
+mod ports;
+mod proc;
+mod proxy;
+
+pub use cluster::{APP_PASSWORD, Cluster, ClusterBuilder, Node, shared};
+pub use error::KitError;
+pub use proxy::{FaultProxy, ProxyMode};
