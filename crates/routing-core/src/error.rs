@@ -32,6 +32,20 @@ impl ErrorKind {
             ErrorKind::Connection | ErrorKind::ReadOnly | ErrorKind::NotWriter | ErrorKind::Timeout
         )
     }
+
+    /// The kind a server's SQLSTATE implies, where it implies one, so every adapter classifies
+    /// server errors the same way: 25006 is [`ErrorKind::ReadOnly`], 28000/28P01
+    /// [`ErrorKind::Auth`], class 08 and 57P01-57P03 (the server closed or is shutting down the
+    /// session) [`ErrorKind::Connection`]. `None` for everything else (an ordinary query error).
+    pub fn from_sqlstate(code: &str) -> Option<ErrorKind> {
+        match code {
+            "25006" => Some(ErrorKind::ReadOnly),
+            "28000" | "28P01" => Some(ErrorKind::Auth),
+            "57P01" | "57P02" | "57P03" => Some(ErrorKind::Connection),
+            c if c.starts_with("08") => Some(ErrorKind::Connection),
+            _ => None,
+        }
+    }
 }
 
 /// A driver error, classified, with passwords redacted from its text.
@@ -60,11 +74,12 @@ impl BackendError {
         }
     }
 
-    /// Attaches the SQLSTATE; 25006 makes it `ReadOnly` whatever the adapter said.
+    /// Attaches the SQLSTATE; a code [`ErrorKind::from_sqlstate`] knows (25006 `ReadOnly`, ...)
+    /// sets the kind whatever the adapter said.
     pub fn with_sqlstate(mut self, code: impl Into<String>) -> Self {
         let code = code.into();
-        if code == "25006" {
-            self.kind = ErrorKind::ReadOnly;
+        if let Some(kind) = ErrorKind::from_sqlstate(&code) {
+            self.kind = kind;
         }
         self.sqlstate = Some(code);
         self

@@ -728,11 +728,14 @@ impl<B: Backend> ReadConn<B> {
     /// Maps a driver result: a write refused by the read-only session becomes
     /// [`Error::MisroutedWrite`]; a broken connection bans the node and triggers a re-probe.
     pub fn check<T>(&self, result: Result<T, B::QueryError>) -> Result<T, Error> {
-        result.map_err(|e| {
-            let kind = B::classify(&e);
+        self.check_backend(result.map_err(classified::<B>))
+    }
+
+    /// [`ReadConn::check`] for results of [`Backend::execute`] / [`Backend::query_text`].
+    pub fn check_backend<T>(&self, result: Result<T, BackendError>) -> Result<T, Error> {
+        result.map_err(|source| {
             let node = self.node_name().to_string();
-            let source = BackendError::new(kind, e.to_string()).with_source(e);
-            match kind {
+            match source.kind {
                 ErrorKind::ReadOnly => Error::MisroutedWrite { node },
                 ErrorKind::Connection => {
                     self.inner.report_failure(self.node, &source);
@@ -742,6 +745,10 @@ impl<B: Backend> ReadConn<B> {
             }
         })
     }
+}
+
+fn classified<B: Backend>(e: B::QueryError) -> BackendError {
+    BackendError::new(B::classify(&e), e.to_string()).with_source(e)
 }
 
 impl<B: Backend> Drop for ReadConn<B> {
@@ -798,11 +805,14 @@ impl<B: Backend> WriteConn<B> {
     /// retried automatically), a read-only refusal (the node was demoted) becomes
     /// [`Error::WriteRejected`]; both trigger a re-probe.
     pub fn check<T>(&self, result: Result<T, B::QueryError>) -> Result<T, Error> {
-        result.map_err(|e| {
-            let kind = B::classify(&e);
+        self.check_backend(result.map_err(classified::<B>))
+    }
+
+    /// [`WriteConn::check`] for results of [`Backend::execute`] / [`Backend::query_text`].
+    pub fn check_backend<T>(&self, result: Result<T, BackendError>) -> Result<T, Error> {
+        result.map_err(|source| {
             let node = self.node_name().to_string();
-            let source = BackendError::new(kind, e.to_string()).with_source(e);
-            match kind {
+            match source.kind {
                 ErrorKind::Connection | ErrorKind::Timeout => {
                     self.inner.nudge();
                     Error::WriteOutcomeUnknown { node, source }

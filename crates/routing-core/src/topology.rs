@@ -324,3 +324,235 @@ fn lag_exclusion(
         over(1.0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(n: usize) -> Vec<NodeConfig> {
+        (0..n)
+            .map(|i| {
+                if i == 0 {
+                    NodeConfig::writer(format!("n{i}"), "postgres://x")
+                } else {
+                    NodeConfig::replica(format!("n{i}"), "postgres://x")
+                }
+            })
+            .collect()
+    }
+
+    fn topo(n: usize) -> Topology {
+        Topology::new(
+            &nodes(n),
+            LagBounds::default(),
+            BanPolicy::default(),
+            Epoch::default(),
+        )
+    }
+
+    fn primary(lsn: u64, tl: u32) -> ProbeReport {
+        ProbeReport {
+            in_recovery: false,
+            lsn: Some(Lsn(lsn)),
+            receive_lsn: None,
+            replay_age: None,
+            timeline: Some(tl),
+            system_id: Some(42),
+        }
+    }
+
+    fn replica(lsn: u64, age_ms: u64) -> ProbeReport {
+        ProbeReport {
+            in_recovery: true,
+            lsn: Some(Lsn(lsn)),
+            receive_lsn: Some(Lsn(lsn)),
+            replay_age: Some(Duration::from_millis(age_ms)),
+            timeline: Some(1),
+            system_id: Some(42),
+        }
+    }
+
+    #[test]
+    fn elects_the_primary_and_classifies_replicas() {
+        let mut t = topo(3);
+        let now = Instant::now();
+        assert!(t.apply_probe(0, primary(1000, 1), now));
+        t.apply_probe(1, replica(1000, 5), now);
+        t.apply_probe(2, replica(900, 5), now);
+        let s = t.snapshot();
+        assert_eq!(s.writer, Some(0));
+        assert_eq!(s.nodes[1].role, NodeRole::Replica);
+        assert_eq!(
+            s.nodes[1].lag,
+            Some(Duration::ZERO),
+            "equal LSNs are no lag, whatever the timestamps say"
+        );
+        assert_eq!(s.nodes[2].lag_bytes, Some(100));
+        assert_eq!(s.system_id, Some(42));
+    }
+
+    #[test]
+    fn split_primaries_resolve_to_the_newest_timeline_and_fence_the_other() {
+        let mut t = topo(3);
+        let now = Instant::now();
+        t.apply_probe(0, primary(1000, 1), now);
+        t.apply_probe(1, replica(1000, 0), now);
+        let g0 = t.snapshot().generation;
+        // node 1 promoted (timeline 2) while node 0 is still up and writable
+        t.apply_probe(1, primary(1100, 2), now);
+        t.apply_probe(0, primary(1200, 1), now);
+        let s = t.snapshot();
+        assert_eq!(s.writer, Some(1));
+        assert_eq!(s.nodes[0].role, NodeRole::Fenced);
+        assert!(s.generation > g0);
+        // the old primary never comes back as writer, even when the new one is unreachable
+        t.apply_failure(1, "connection refused", now);
+        t.apply_probe(0, primary(1300, 1), now);
+        assert_eq!(t.snapshot().writer, None);
+        // ...until it is rebuilt as a replica and later promoted on a newer timeline
+        t.apply_probe(0, replica(1100, 0), now);
+        assert_eq!(t.snapshot().nodes[0].role, NodeRole::Replica);
+        t.apply_probe(0, primary(1400, 3), now);
+        assert_eq!(t.snapshot().writer, Some(0));
+    }
+
+    #[test]
+    fn equal_timelines_keep_the_current_writer() {
+        let mut t = topo(2);
+        let now = Instant::now();
+        t.apply_probe(1, primary(10, 1), now);
+        t.apply_probe(0, primary(10, 1), now);
+        let s = t.snapshot();
+        assert_eq!(s.writer, Some(1), "no flapping to the writer candidate");
+        assert_eq!(s.nodes[0].role, NodeRole::Fenced);
+    }
+
+    #[test]
+    fn bans_back_off_exponentially_and_readmit_when_healthy() {
+        let mut t = topo(2);
+        let t0 = Instant::now();
+        t.apply_probe(0, primary(10, 1), t0);
+        t.apply_probe(1, replica(10, 0), t0);
+        assert!(t.snapshot().nodes[1].is_readable_replica(t0));
+        t.apply_failure(1, "refused", t0);
+        let b1 = t.snapshot().nodes[1].banned_until.expect("banned");
+        assert_eq!(b1 - t0, Duration::from_millis(500));
+        let t1 = b1 + Duration::from_millis(1);
+        t.apply_failure(1, "refused", t1);
+        let b2 = t.snapshot().nodes[1].banned_until.expect("banned again");
+        assert_eq!(b2 - t1, Duration::from_secs(1));
+        // a healthy probe during the ban does not readmit early
+        t.apply_probe(1, replica(10, 0), t1 + Duration::from_millis(10));
+        assert!(!t.snapshot().nodes[1].is_readable_replica(t1 + Duration::from_millis(10)));
+        // after the ban, a healthy probe readmits and resets the backoff
+        let t2 = b2 + Duration::from_millis(1);
+        t.apply_probe(1, replica(10, 0), t2);
+        let s = t.snapshot();
+        assert!(s.nodes[1].is_readable_replica(t2));
+        assert_eq!(s.nodes[1].consecutive_failures, 0);
+    }
+
+    #[test]
+    fn ban_backoff_is_capped() {
+        let mut t = topo(2);
+        let mut now = Instant::now();
+        for _ in 0..40 {
+            t.apply_failure(1, "refused", now);
+            now = t.snapshot().nodes[1].banned_until.expect("banned") + Duration::from_millis(1);
+        }
+        let s = t.snapshot();
+        let ban = s.nodes[1].banned_until.expect("banned");
+        assert!(ban - (now - Duration::from_millis(1)) <= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn lag_exclusion_has_hysteresis() {
+        let bounds = LagBounds {
+            max_bytes: Some(1000),
+            max_time: None,
+            readmit_ratio: 0.5,
+        };
+        let mut t = Topology::new(&nodes(2), bounds, BanPolicy::default(), Epoch::default());
+        let now = Instant::now();
+        t.apply_probe(0, primary(10_000, 1), now);
+        t.apply_probe(1, replica(9_500, 0), now);
+        assert!(!t.snapshot().nodes[1].lag_excluded);
+        t.apply_probe(1, replica(8_000, 0), now);
+        assert!(
+            t.snapshot().nodes[1].lag_excluded,
+            "2000 bytes behind > 1000"
+        );
+        t.apply_probe(1, replica(9_200, 0), now);
+        assert!(
+            t.snapshot().nodes[1].lag_excluded,
+            "800 behind is under the bound but above the readmit line"
+        );
+        t.apply_probe(1, replica(9_600, 0), now);
+        assert!(
+            !t.snapshot().nodes[1].lag_excluded,
+            "400 behind: readmitted"
+        );
+    }
+
+    #[test]
+    fn time_lag_uses_time_since_caught_up_not_stale_timestamps() {
+        let bounds = LagBounds {
+            max_bytes: None,
+            max_time: Some(Duration::from_secs(1)),
+            readmit_ratio: 0.5,
+        };
+        let mut t = Topology::new(&nodes(2), bounds, BanPolicy::default(), Epoch::default());
+        let t0 = Instant::now();
+        t.apply_probe(0, primary(100, 1), t0);
+        t.apply_probe(1, replica(100, 3_600_000), t0);
+        assert!(
+            !t.snapshot().nodes[1].lag_excluded,
+            "idle primary: an hour-old replay timestamp is not lag"
+        );
+        t.apply_probe(0, primary(200, 1), t0);
+        t.apply_probe(1, replica(100, 3_600_000), t0 + Duration::from_millis(100));
+        assert_eq!(t.snapshot().nodes[1].lag, Some(Duration::from_millis(100)));
+        t.apply_probe(1, replica(100, 3_600_000), t0 + Duration::from_secs(2));
+        assert!(t.snapshot().nodes[1].lag_excluded, "paused for 2 s");
+    }
+
+    #[test]
+    fn generation_bumps_on_role_change_and_epoch_refuses_old_connections() {
+        let epoch = Epoch::default();
+        let mut t = Topology::new(
+            &nodes(2),
+            LagBounds::default(),
+            BanPolicy::default(),
+            epoch.clone(),
+        );
+        let now = Instant::now();
+        t.apply_probe(0, primary(10, 1), now);
+        t.apply_probe(1, replica(10, 0), now);
+        let stamped = epoch.generation();
+        assert!(epoch.admits(stamped));
+        assert!(
+            !t.apply_probe(1, replica(20, 0), now),
+            "a lag update is not a role change"
+        );
+        assert!(epoch.admits(stamped));
+        t.apply_failure(0, "refused", now);
+        t.apply_probe(1, primary(30, 2), now);
+        assert!(
+            !epoch.admits(stamped),
+            "connections from before the promotion are refused"
+        );
+        assert!(epoch.admits(epoch.generation()));
+        assert!(!epoch.admits_age(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn replay_rate_is_estimated() {
+        let mut t = topo(2);
+        let t0 = Instant::now();
+        t.apply_probe(0, primary(0, 1), t0);
+        t.apply_probe(1, replica(0, 0), t0);
+        t.apply_probe(1, replica(1_000_000, 0), t0 + Duration::from_secs(1));
+        let rate = t.snapshot().nodes[1].replay_rate.expect("rate");
+        assert!((rate - 1_000_000.0).abs() < 1.0, "{rate}");
+    }
+}

@@ -1,0 +1,437 @@
+//! Routing decisions with an in-memory fake backend (pure policy logic; real servers are
+//! exercised by the conformance suite in the adapter crates).
+
+mod fake;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fake::{FakeBackend, FakeError, World, catch_up_after};
+use routing_core::{
+    Backend, BoxFuture, CausalToken, Consistency, Error, ErrorKind, Lsn, Mark, MarksError,
+    NodeConfig, RegionPolicy, RequestContext, Router, RouterConfig, TokenCodec, TokenError,
+    TokenKey, UserKey, WriterMarks,
+};
+
+fn fast_config() -> RouterConfig {
+    RouterConfig {
+        probe_interval: Duration::from_millis(20),
+        probe_timeout: Duration::from_millis(200),
+        write_deadline: Duration::from_millis(800),
+        wait_budget: Duration::from_millis(100),
+        ..RouterConfig::default()
+    }
+}
+
+fn codec() -> TokenCodec {
+    TokenCodec::new(TokenKey::new(1, "test-key-0123456789abcdef").expect("key"))
+}
+
+async fn router(world: &World) -> Router<FakeBackend> {
+    Router::builder(FakeBackend(world.clone()))
+        .nodes(world.node_configs())
+        .config(fast_config())
+        .tokens(codec())
+        .build()
+        .await
+        .expect("router")
+}
+
+async fn write_as(r: &Router<FakeBackend>, ctx: &RequestContext) -> routing_core::WriteReceipt {
+    let mut w = r.write_with(ctx).await.expect("write conn");
+    let done = FakeBackend::execute(w.pooled(), "INSERT x").await;
+    w.check_backend(done).expect("insert");
+    w.finish().await.expect("finish")
+}
+
+#[tokio::test]
+async fn reads_go_to_replicas_and_writes_to_the_primary() {
+    let world = World::new(2);
+    let r = router(&world).await;
+    assert_eq!(r.snapshot().writer, Some(0));
+    let mut seen = [0usize; 3];
+    for _ in 0..200 {
+        let c = r
+            .read_with(&RequestContext::new().consistency(Consistency::Eventual))
+            .await
+            .expect("read");
+        seen[c.node_name()[1..].parse::<usize>().expect("n<i>")] += 1;
+        assert!(!c.on_primary());
+    }
+    assert_eq!(seen[0], 0);
+    assert!(seen[1] > 20 && seen[2] > 20, "spread: {seen:?}");
+    let w = r.write().await.expect("write");
+    assert_eq!(w.node_name(), "n0");
+}
+
+#[tokio::test]
+async fn misrouted_writes_are_typed_on_replicas_and_primary_readers() {
+    let world = World::new(1);
+    let r = router(&world).await;
+    for ctx in [
+        RequestContext::new().consistency(Consistency::Eventual),
+        RequestContext::new().force_primary(true),
+    ] {
+        let mut c = r.read_with(&ctx).await.expect("read");
+        let done = FakeBackend::execute(c.pooled(), "INSERT x").await;
+        let err = c.check_backend(done).expect_err("read-only");
+        assert!(matches!(err, Error::MisroutedWrite { .. }), "{err:?}");
+        let err = c
+            .check::<()>(Err(FakeError(ErrorKind::ReadOnly)))
+            .expect_err("read-only");
+        assert!(matches!(err, Error::MisroutedWrite { .. }), "{err:?}");
+    }
+    assert_eq!(world.get(0).lsn, 1000, "nothing written");
+}
+
+#[tokio::test]
+async fn regions_prefer_local_then_fallback_order_then_any_then_primary() {
+    let world = World::new(3);
+    let nodes: Vec<NodeConfig> = world
+        .node_configs()
+        .into_iter()
+        .zip(["eu", "eu", "us", "ap"])
+        .map(|(n, region)| n.region(region))
+        .collect();
+    let r = Router::builder(FakeBackend(world.clone()))
+        .nodes(nodes)
+        .config(fast_config())
+        .regions(RegionPolicy::new().fallback("eu", ["ap".into(), "us".into()]))
+        .build()
+        .await
+        .expect("router");
+    let eu = RequestContext::new()
+        .region("eu")
+        .consistency(Consistency::Eventual);
+    let name = |c: routing_core::ReadConn<FakeBackend>| c.node_name().to_string();
+    for _ in 0..20 {
+        assert_eq!(name(r.read_with(&eu).await.expect("read")), "n1");
+    }
+    world.set(1, |n| n.up = false);
+    r.reprobe();
+    assert!(r.topology_changed(Duration::from_secs(2)).await || !r.snapshot().nodes[1].reachable);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    for _ in 0..20 {
+        assert_eq!(
+            name(r.read_with(&eu).await.expect("read")),
+            "n3",
+            "fallback order says ap first"
+        );
+    }
+    world.set(3, |n| n.up = false);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(name(r.read_with(&eu).await.expect("read")), "n2");
+    let sa = RequestContext::new()
+        .region("sa")
+        .consistency(Consistency::Eventual);
+    assert_eq!(
+        name(r.read_with(&sa).await.expect("read")),
+        "n2",
+        "unknown region: any healthy replica"
+    );
+    world.set(2, |n| n.up = false);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = r.read_with(&eu).await.expect("read");
+    assert!(c.on_primary(), "no replica: the primary serves the read");
+    assert!(r.stats().reads_primary_fallback >= 1);
+}
+
+#[tokio::test]
+async fn a_failing_replica_is_banned_and_reads_keep_succeeding() {
+    let world = World::new(2);
+    let r = router(&world).await;
+    world.set(1, |n| n.up = false);
+    // The first read may pick the dead node: the checkout fails, it is banned, the read goes elsewhere.
+    for _ in 0..50 {
+        let c = r
+            .read_with(&RequestContext::new().consistency(Consistency::Eventual))
+            .await
+            .expect("read");
+        assert_eq!(c.node_name(), "n2");
+    }
+    let s = r.snapshot();
+    assert!(s.nodes[1].banned_until.is_some() && !s.nodes[1].reachable);
+    world.set(1, |n| n.up = true);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !r.snapshot().nodes[1].is_readable_replica(Instant::now()) {
+        assert!(Instant::now() < deadline, "not readmitted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn read_your_writes_waits_for_a_replica_that_will_catch_up() {
+    let world = World::new(2);
+    let r = router(&world).await;
+    let alice = RequestContext::new()
+        .user("alice")
+        .consistency(Consistency::ReadYourWrites);
+    let receipt = write_as(&r, &alice).await;
+    assert_eq!(receipt.lsn, Lsn(1100));
+    catch_up_after(&world, Duration::from_millis(20));
+    let c = r.read_with(&alice).await.expect("read");
+    assert!(!c.on_primary(), "caught up within the budget");
+    assert_eq!(r.stats().lsn_waits, 1);
+    drop(c);
+    // Another user is not pinned by alice's write.
+    let bob = RequestContext::new()
+        .user("bob")
+        .consistency(Consistency::ReadYourWrites);
+    assert!(!r.read_with(&bob).await.expect("read").on_primary());
+}
+
+#[tokio::test]
+async fn read_your_writes_uses_the_primary_when_replicas_will_not_catch_up_in_time() {
+    let world = World::new(2);
+    let r = router(&world).await;
+    let alice = RequestContext::new()
+        .user("alice")
+        .consistency(Consistency::ReadYourWrites);
+    write_as(&r, &alice).await;
+    let started = Instant::now();
+    let c = r.read_with(&alice).await.expect("read");
+    assert!(c.on_primary(), "replicas never replay the write");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "bounded by the wait budget"
+    );
+    assert_eq!(r.stats().lsn_wait_timeouts, 1);
+    drop(c);
+    // A replica known to lag far beyond the budget is not even waited on.
+    world.set(1, |n| n.replay_age_ms = 5_000);
+    world.set(2, |n| n.replay_age_ms = 5_000);
+    world.set(0, |n| n.lsn += 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waits = r.stats().lsn_waits;
+    assert!(r.read_with(&alice).await.expect("read").on_primary());
+    assert_eq!(r.stats().lsn_waits, waits, "no futile wait");
+}
+
+#[tokio::test]
+async fn recent_writer_ttl_pins_to_the_primary_until_the_ttl_passes() {
+    let world = World::new(1);
+    let r = router(&world).await;
+    let ttl = Consistency::RecentWriterTtl {
+        ttl: Duration::from_millis(150),
+    };
+    let ctx = RequestContext::new().user("carol").consistency(ttl);
+    assert!(!r.read_with(&ctx).await.expect("read").on_primary());
+    write_as(&r, &ctx).await;
+    assert!(r.read_with(&ctx).await.expect("read").on_primary());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!r.read_with(&ctx).await.expect("read").on_primary());
+}
+
+#[tokio::test]
+async fn causal_tokens_route_safely() {
+    let world = World::new(1);
+    let r = router(&world).await;
+    let receipt = write_as(&r, &RequestContext::new()).await;
+    let token_text = receipt.token.expect("signed");
+    let token = r.verify_token(&token_text).expect("valid");
+    assert_eq!(token.lsn, receipt.lsn);
+    assert_eq!(token.system_id, 42);
+    let causal = |t: CausalToken| {
+        RequestContext::new()
+            .token(t)
+            .consistency(Consistency::Causal)
+    };
+
+    // Valid token, replica behind and never catching up: primary.
+    assert!(
+        r.read_with(&causal(token))
+            .await
+            .expect("read")
+            .on_primary()
+    );
+    // Replica caught up: replica, no wait.
+    world.set(1, |n| n.lsn = 1100);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(
+        !r.read_with(&causal(token))
+            .await
+            .expect("read")
+            .on_primary()
+    );
+
+    // Foreign cluster and old timeline: primary, counted.
+    let foreign = CausalToken {
+        system_id: 7,
+        ..token
+    };
+    assert!(
+        r.read_with(&causal(foreign))
+            .await
+            .expect("read")
+            .on_primary()
+    );
+    let old_timeline = CausalToken {
+        timeline: 0,
+        ..token
+    };
+    assert!(
+        r.read_with(&causal(old_timeline))
+            .await
+            .expect("read")
+            .on_primary()
+    );
+    assert_eq!(r.stats().tokens_untrusted, 2);
+
+    // Far future: rejected, not a primary storm.
+    let future = CausalToken {
+        lsn: Lsn(u64::MAX / 2),
+        ..token
+    };
+    let err = r.read_with(&causal(future)).await.expect_err("future");
+    assert!(
+        matches!(err, Error::Token(TokenError::FromTheFuture { .. })),
+        "{err:?}"
+    );
+
+    // Forged and garbage texts.
+    let forged =
+        TokenCodec::new(TokenKey::new(1, "attacker-key-0123456789").expect("key")).sign(&token);
+    assert!(matches!(
+        r.verify_token(&forged),
+        Err(Error::Token(TokenError::BadSignature))
+    ));
+    assert!(matches!(
+        r.verify_token("0/16B374D8"),
+        Err(Error::Token(TokenError::Malformed))
+    ));
+}
+
+#[tokio::test]
+async fn failover_promotes_a_replica_and_writes_resume() {
+    let world = World::new(2);
+    let r = router(&world).await;
+    let g0 = r.snapshot().generation;
+    world.set(0, |n| n.up = false);
+    world.set(1, |n| {
+        n.in_recovery = false;
+        n.timeline = 2;
+    });
+    let started = Instant::now();
+    let w = r.write().await.expect("write after failover");
+    assert_eq!(w.node_name(), "n1");
+    assert!(r.snapshot().generation > g0);
+    eprintln!("fake failover: write resumed after {:?}", started.elapsed());
+    // The old primary comes back writable on the old timeline: fenced, never written.
+    world.set(0, |n| n.up = true);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..20 {
+        assert_eq!(r.write().await.expect("write").node_name(), "n1");
+    }
+    assert_eq!(r.snapshot().nodes[0].role, routing_core::NodeRole::Fenced);
+}
+
+#[tokio::test]
+async fn writes_fail_with_a_typed_error_when_no_primary_appears() {
+    let world = World::new(1);
+    let r = router(&world).await;
+    world.set(0, |n| n.up = false);
+    let started = Instant::now();
+    let err = r.write().await.expect_err("no primary");
+    assert!(matches!(err, Error::NoPrimary { .. }), "{err:?}");
+    assert!(err.is_safe_to_retry());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Reads still work from the replica.
+    assert!(
+        !r.read_with(&RequestContext::new().consistency(Consistency::Eventual))
+            .await
+            .expect("read")
+            .on_primary()
+    );
+}
+
+struct BrokenMarks;
+
+impl WriterMarks for BrokenMarks {
+    fn get<'a>(&'a self, _: &'a UserKey) -> BoxFuture<'a, Result<Option<Mark>, MarksError>> {
+        Box::pin(async { Err(MarksError::new("down")) })
+    }
+    fn set_max<'a>(
+        &'a self,
+        _: &'a UserKey,
+        _: Lsn,
+        _: Duration,
+    ) -> BoxFuture<'a, Result<(), MarksError>> {
+        Box::pin(async { Err(MarksError::new("down")) })
+    }
+}
+
+#[tokio::test]
+async fn a_failing_marks_store_sends_marked_reads_to_the_primary_and_never_fails_requests() {
+    let world = World::new(1);
+    let r = Router::builder(FakeBackend(world.clone()))
+        .nodes(world.node_configs())
+        .config(fast_config())
+        .marks(Arc::new(BrokenMarks))
+        .build()
+        .await
+        .expect("router");
+    let ctx = RequestContext::new()
+        .user("dave")
+        .consistency(Consistency::ReadYourWrites);
+    write_as(&r, &ctx).await;
+    assert!(r.read_with(&ctx).await.expect("read").on_primary());
+    let s = r.stats();
+    assert_eq!((s.marks_errors, s.mark_update_failures), (1, 1));
+}
+
+#[tokio::test]
+async fn bad_configuration_is_a_typed_error() {
+    let world = World::new(1);
+    let build = |nodes: Vec<NodeConfig>, config: RouterConfig| {
+        Router::builder(FakeBackend(world.clone()))
+            .nodes(nodes)
+            .config(config)
+            .build()
+    };
+    let err = build(vec![], fast_config()).await.expect_err("empty");
+    assert!(matches!(err, Error::Config(_)), "{err:?}");
+    let dup = vec![
+        NodeConfig::writer("n0", "x://a"),
+        NodeConfig::replica("n0", "x://b"),
+    ];
+    assert!(
+        matches!(build(dup, fast_config()).await, Err(Error::Config(m)) if m.contains("duplicate"))
+    );
+    for config in [
+        RouterConfig {
+            probe_interval: Duration::ZERO,
+            ..fast_config()
+        },
+        RouterConfig {
+            probe_interval: Duration::from_secs(1_000_000),
+            ..fast_config()
+        },
+        RouterConfig {
+            wait_budget: Duration::from_secs(3600),
+            ..fast_config()
+        },
+        RouterConfig {
+            write_deadline: Duration::ZERO,
+            ..fast_config()
+        },
+    ] {
+        assert!(matches!(
+            build(world.node_configs(), config).await,
+            Err(Error::Config(_))
+        ));
+    }
+}
+
+#[tokio::test]
+async fn the_monitor_stops_with_the_router() {
+    let world = World::new(1);
+    let r = router(&world).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let probes = || world.1.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(probes() >= 4, "probing every 20 ms");
+    drop(r);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let after_drop = probes();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(probes(), after_drop, "no probes after the router is gone");
+}
