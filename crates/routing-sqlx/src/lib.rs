@@ -1,1 +1,91 @@
-//! Placeholder.
+//! # routing-sqlx
+//!
+//! The [sqlx](https://docs.rs/sqlx) backend for [`routing_core`]: one [`sqlx::PgPool`] per node
+//! and access mode, and nothing else. Every routing decision (writer election, replica choice,
+//! read-your-writes, failover, bans) lives in `routing-core`; this crate only teaches it how to
+//! pool, check out and query a sqlx connection. One dependency is enough: the core's types,
+//! [`sqlx`] itself, and aliases such as [`Router`] are re-exported here.
+//!
+//! ```no_run
+//! use routing_sqlx::{NodeConfig, Router, RequestContext, SqlxBackend, UserKey};
+//! use routing_sqlx::sqlx;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let router: Router = Router::builder(SqlxBackend::new())
+//!     // sqlx connects to one host per pool: list every writer candidate as its own node and
+//!     // the router elects the one that is not in recovery.
+//!     .node(NodeConfig::writer("pg-a", "postgres://app:secret@10.0.0.1/shop"))
+//!     .node(NodeConfig::writer("pg-b", "postgres://app:secret@10.0.0.2/shop"))
+//!     .node(NodeConfig::replica("pg-c", "postgres://app:secret@10.0.0.3/shop").region("eu"))
+//!     .build()
+//!     .await?;
+//!
+//! let ctx = RequestContext::new().user(UserKey::new("user-42"));
+//!
+//! // A write: always the primary. `finish` records the commit LSN for read-your-writes.
+//! let mut w = router.write_with(&ctx).await?;
+//! let done = sqlx::query("UPDATE carts SET n = n + 1 WHERE user_id = $1")
+//!     .bind(42_i64)
+//!     .execute(&mut *w)
+//!     .await;
+//! w.check(done)?;
+//! let receipt = w.finish().await?;
+//! println!("committed at {}", receipt.lsn);
+//!
+//! // A read: a replica that has replayed the user's write (or the primary, read-only).
+//! let mut r = router.read_with(&ctx).await?;
+//! let n: i64 = r.check(
+//!     sqlx::query_scalar("SELECT n FROM carts WHERE user_id = $1")
+//!         .bind(42_i64)
+//!         .fetch_one(&mut *r)
+//!         .await,
+//! )?;
+//! # let _ = n;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## What the pools do
+//!
+//! - **Reader and probe sessions are read-only at the server**: `default_transaction_read_only`
+//!   is sent in the startup packet, so a write through a read guard fails with SQLSTATE 25006,
+//!   which [`ReadConn::check`] turns into [`Error::MisroutedWrite`]. Probe sessions also carry the
+//!   probe's `statement_timeout`.
+//! - **Writer sessions are verified at connect** (`after_connect`): a node in recovery is refused
+//!   and the checkout fails at once with [`ErrorKind::NotWriter`] instead of waiting out the
+//!   pool timeout.
+//! - **At checkout** (`before_acquire`) a pooled connection made before the last topology change
+//!   is closed (sqlx connections cannot be stamped, so their age is compared with the time of the
+//!   last [`Epoch`] bump), then, with `pre_ping`, readers are pinged and writers re-checked.
+//! - `max_lifetime`, `idle_timeout`, `max_size` and `connect_timeout` (sqlx's `acquire_timeout`)
+//!   come from [`PoolSettings`]; pools connect lazily, so nodes may be down at startup.
+//!
+//! ## Limits of sqlx, and what this crate does about them
+//!
+//! - sqlx takes one host per URL: a multi-host URL (`postgres://h1,h2/db`) is refused with an
+//!   [`ErrorKind::Config`] error naming the node. Give each writer candidate as its own node;
+//!   the router's writer election then gives sqlx users the multi-host failover sqlx lacks.
+//! - `target_session_attrs` is ignored by sqlx (with a warning); the writer check above does its
+//!   job on every connection instead.
+//! - sqlx has no `pg_lsn` type: the core reads LSNs as text and parses them into [`Lsn`].
+//! - Only URLs are accepted (`postgres://...`), not `key=value` conninfo strings.
+
+mod backend;
+mod errors;
+mod options;
+
+pub use backend::{NodePool, SqlxBackend};
+pub use errors::{backend_error, classify};
+
+pub use routing_core;
+pub use routing_core::*;
+pub use sqlx;
+
+/// The router over sqlx pools.
+pub type Router = routing_core::Router<SqlxBackend>;
+/// Builds a [`Router`]: `Router::builder(SqlxBackend::new())`.
+pub type RouterBuilder = routing_core::RouterBuilder<SqlxBackend>;
+/// A read session; dereferences to [`sqlx::PgConnection`].
+pub type ReadConn = routing_core::ReadConn<SqlxBackend>;
+/// A write session on the primary; dereferences to [`sqlx::PgConnection`].
+pub type WriteConn = routing_core::WriteConn<SqlxBackend>;

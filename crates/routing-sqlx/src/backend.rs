@@ -1,0 +1,224 @@
+//! [`SqlxBackend`]: one [`PgPool`] per node and access mode.
+
+use std::sync::Arc;
+
+use routing_core::{Access, Backend, BackendError, ErrorKind, NodeConfig, PoolSpec, sql};
+use sqlx::pool::{PoolConnection, PoolConnectionMetadata};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row};
+use tokio::sync::watch;
+
+use crate::errors::backend_error;
+use crate::options;
+
+type Configure = dyn Fn(&NodeConfig, Access, PgConnectOptions) -> PgConnectOptions + Send + Sync;
+
+/// The sqlx adapter: builds one lazily connecting [`PgPool`] per node and [`Access`] mode.
+#[derive(Clone, Default)]
+pub struct SqlxBackend {
+    configure: Option<Arc<Configure>>,
+}
+
+impl std::fmt::Debug for SqlxBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlxBackend")
+            .field("configure", &self.configure.is_some())
+            .finish()
+    }
+}
+
+impl SqlxBackend {
+    /// A backend with sqlx's defaults for everything the node URL does not say.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adjusts every pool's connect options (TLS files, statement cache, application name...)
+    /// after they are parsed from the node's URL and before the router's settings (read-only
+    /// sessions, statement timeout) are added, which therefore cannot be undone here.
+    pub fn configure(
+        mut self,
+        f: impl Fn(&NodeConfig, Access, PgConnectOptions) -> PgConnectOptions + Send + Sync + 'static,
+    ) -> Self {
+        self.configure = Some(Arc::new(f));
+        self
+    }
+}
+
+/// One node's pool for one [`Access`] mode.
+#[derive(Debug)]
+pub struct NodePool {
+    pool: PgPool,
+    node: Arc<str>,
+    access: Access,
+    /// Bumped each time a writer connection is refused because its node is in recovery, so a
+    /// waiting checkout fails at once instead of retrying until the pool's timeout.
+    refusals: Arc<watch::Sender<u64>>,
+}
+
+impl NodePool {
+    /// The sqlx pool (for metrics such as `size()` and `num_idle()`).
+    pub fn pg_pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// What the pool's sessions are for.
+    pub fn access(&self) -> Access {
+        self.access
+    }
+
+    async fn acquire(&self) -> Result<PoolConnection<Postgres>, BackendError> {
+        let acquired = if self.access == Access::ReadWrite {
+            let mut refused = self.refusals.subscribe();
+            tokio::select! {
+                acquired = self.pool.acquire() => acquired,
+                _ = refused.changed() => return Err(not_writer(&self.node)),
+            }
+        } else {
+            self.pool.acquire().await
+        };
+        acquired.map_err(|e| match e {
+            sqlx::Error::PoolTimedOut => BackendError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "no {:?} session to {} within {:?} (node down or pool exhausted)",
+                    self.access,
+                    self.node,
+                    self.pool.options().get_acquire_timeout()
+                ),
+            )
+            .with_source(e),
+            other => backend_error(other),
+        })
+    }
+}
+
+fn not_writer(node: &str) -> BackendError {
+    BackendError::new(
+        ErrorKind::NotWriter,
+        format!("node {node} is in recovery: it does not accept writes"),
+    )
+}
+
+/// `sql::WRITER_CHECK`: is the session's node in recovery?
+async fn in_recovery(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    let row = sqlx::raw_sql(sql::WRITER_CHECK).fetch_one(conn).await?;
+    Ok(row.try_get::<Option<String>, _>("v")?.as_deref() != Some("false"))
+}
+
+impl Backend for SqlxBackend {
+    type Pool = NodePool;
+    type Pooled = PoolConnection<Postgres>;
+    type Connection = PgConnection;
+    type QueryError = sqlx::Error;
+
+    fn build_pool(&self, spec: PoolSpec) -> Result<NodePool, BackendError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(BackendError::new(
+                ErrorKind::Config,
+                "sqlx pools must be built inside a tokio runtime",
+            ));
+        }
+        let PoolSpec {
+            node,
+            access,
+            settings,
+            epoch,
+        } = spec;
+        let mut opts = options::parse(&node)?;
+        if let Some(f) = &self.configure {
+            opts = f(&node, access, opts);
+        }
+        let opts = options::for_access(opts, access, &settings);
+        let refusals = Arc::new(watch::Sender::new(0u64));
+        let pre_ping = settings.pre_ping;
+
+        let mut pool = PgPoolOptions::new()
+            .max_connections(settings.max_size)
+            .min_connections(0)
+            .acquire_timeout(settings.connect_timeout)
+            .max_lifetime(settings.max_lifetime)
+            .idle_timeout(settings.idle_timeout)
+            // `before_acquire` pings when asked to; sqlx's own ping would be a second round trip.
+            .test_before_acquire(false)
+            .before_acquire(move |conn, meta: PoolConnectionMetadata| {
+                let epoch = epoch.clone();
+                Box::pin(async move {
+                    // sqlx cannot stamp a connection, but knows its age: one older than the last
+                    // topology change is closed, never handed out.
+                    if !epoch.admits_age(meta.age) {
+                        return Ok(false);
+                    }
+                    if !pre_ping {
+                        return Ok(true);
+                    }
+                    match access {
+                        Access::ReadWrite => Ok(!in_recovery(conn).await?),
+                        Access::ReadOnly | Access::Probe => {
+                            sqlx::raw_sql(sql::PING).execute(conn).await?;
+                            Ok(true)
+                        }
+                    }
+                })
+            });
+        if access == Access::ReadWrite {
+            let refusals = refusals.clone();
+            let name: Arc<str> = Arc::from(node.name.as_str());
+            pool = pool.after_connect(move |conn, _meta| {
+                let refusals = refusals.clone();
+                let name = name.clone();
+                Box::pin(async move {
+                    if in_recovery(conn).await? {
+                        refusals.send_modify(|n| *n = n.wrapping_add(1));
+                        return Err(sqlx::Error::Protocol(not_writer(&name).message));
+                    }
+                    Ok(())
+                })
+            });
+        }
+        Ok(NodePool {
+            pool: pool.connect_lazy_with(opts),
+            node: Arc::from(node.name.as_str()),
+            access,
+            refusals,
+        })
+    }
+
+    async fn checkout(pool: &NodePool) -> Result<PoolConnection<Postgres>, BackendError> {
+        pool.acquire().await
+    }
+
+    async fn query_text<'a>(
+        pooled: &'a mut PoolConnection<Postgres>,
+        sql: &'a str,
+    ) -> Result<Option<String>, BackendError> {
+        let row = sqlx::raw_sql(AssertSqlSafe(sql))
+            .fetch_optional(&mut **pooled)
+            .await
+            .map_err(backend_error)?;
+        match row {
+            Some(row) => row.try_get::<Option<String>, _>("v").map_err(backend_error),
+            None => Ok(None),
+        }
+    }
+
+    async fn execute<'a>(
+        pooled: &'a mut PoolConnection<Postgres>,
+        sql: &'a str,
+    ) -> Result<u64, BackendError> {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut **pooled)
+            .await
+            .map(|done| done.rows_affected())
+            .map_err(backend_error)
+    }
+
+    fn classify(err: &sqlx::Error) -> ErrorKind {
+        crate::errors::classify(err)
+    }
+}
