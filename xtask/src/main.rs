@@ -1,0 +1,177 @@
+//! `cargo xtask`: the project's build and test driver.
+//!
+//! `cargo xtask test` is the one test command (README, CI); `cargo xtask demo` and
+//! `cargo xtask chaos` shell out to the routing-examples package. Std only, so it builds in
+//! seconds on a fresh machine.
+
+mod deny;
+mod leftovers;
+mod prereq;
+mod util;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use util::{Fail, cargo, run, step, workspace_root};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  test                      the project's full check, as CI runs it: prerequisites (PostgreSQL,
+                            redis-server), cargo-deny, rustfmt, clippy, cargo test --workspace,
+                            and a check that the tests left no server or cluster behind
+  demo                      check prerequisites, then run the guided tour
+                            (cargo run -p routing-examples --example tour)
+  chaos [--json FILE] [--long]
+                            check prerequisites, then run the chaos harness; arguments are passed
+                            through (cargo run --release -p routing-examples --bin chaos -- ARGS)
+  help                      this text
+
+environment:
+  ROUTING_ADVISORY_DB       offline RustSec advisory-db copy for `test`
+                            (default: ../shared/advisory-db beside the workspace)";
+
+/// The package that holds the demo and the chaos harness (written elsewhere; may not exist yet).
+const EXAMPLES_PACKAGE: &str = "routing-examples";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (command, rest) = match args.split_first() {
+        Some((c, rest)) => (c.as_str(), rest),
+        None => ("help", &[][..]),
+    };
+    let result = match command {
+        "test" if rest.is_empty() => test(),
+        "demo" if rest.is_empty() => demo(),
+        "chaos" => chaos(rest),
+        "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprintln!(
+                "xtask: unknown command or arguments: {}\n\n{USAGE}",
+                args.join(" ")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(msg)) => {
+            eprintln!("\nxtask: FAILED: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo xtask test`: every step must pass; stops at the first failure.
+fn test() -> Result<(), Fail> {
+    let started = Instant::now();
+    let root = workspace_root();
+
+    step(
+        "prerequisites: PostgreSQL server binaries and redis-server",
+        prereq::ensure,
+    )?;
+    step("cargo-deny: bans, licenses, sources", || {
+        deny::ensure_installed()?;
+        deny::check_bans_licenses_sources(&root)
+    })?;
+    step("cargo-deny: advisories (offline database)", || {
+        deny::check_advisories(&root)
+    })?;
+    step("rustfmt: cargo fmt --all -- --check", || {
+        run(cargo()
+            .args(["fmt", "--all", "--", "--check"])
+            .current_dir(&root))
+    })?;
+    step(
+        "clippy: cargo clippy --workspace --all-targets -- -D warnings",
+        || {
+            run(cargo()
+                .args([
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .current_dir(&root))
+        },
+    )?;
+
+    // The leftover check looks only at what this run created: other processes on a shared
+    // machine (or a cluster dir left by an earlier, killed run) are reported but not blamed.
+    let before = leftovers::Snapshot::take();
+    let tests = step("tests: cargo test --workspace", || util::cargo_test(&root));
+    let left = step("leftovers: testkit servers and cluster dirs", || {
+        leftovers::check(&before)
+    });
+    let counts = tests?;
+    left?;
+
+    println!(
+        "\nxtask test: all steps passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    // A plain closing line: "tests: N passed, N failed, N skipped".
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        counts.passed, counts.failed, counts.ignored
+    );
+    Ok(())
+}
+
+/// `cargo xtask demo`: the guided tour, once the examples package exists.
+fn demo() -> Result<(), Fail> {
+    step(
+        "prerequisites: PostgreSQL server binaries and redis-server",
+        prereq::ensure,
+    )?;
+    let root = workspace_root();
+    if !util::has_package(&root, EXAMPLES_PACKAGE)? {
+        println!(
+            "The demo is not built yet: package `{EXAMPLES_PACKAGE}` is not in the workspace."
+        );
+        return Ok(());
+    }
+    step("demo: cargo run -p routing-examples --example tour", || {
+        run(cargo()
+            .args(["run", "-p", EXAMPLES_PACKAGE, "--example", "tour"])
+            .current_dir(&root))
+    })
+}
+
+/// `cargo xtask chaos [ARGS]`: pass-through to the chaos binary (release build).
+fn chaos(args: &[String]) -> Result<(), Fail> {
+    step(
+        "prerequisites: PostgreSQL server binaries and redis-server",
+        prereq::ensure,
+    )?;
+    let root = workspace_root();
+    if !util::has_package(&root, EXAMPLES_PACKAGE)? {
+        return Err(Fail(format!(
+            "the chaos harness is not built yet: package `{EXAMPLES_PACKAGE}` is not in the workspace"
+        )));
+    }
+    step(
+        "chaos: cargo run --release -p routing-examples --bin chaos",
+        || {
+            run(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    EXAMPLES_PACKAGE,
+                    "--bin",
+                    "chaos",
+                    "--",
+                ])
+                .args(args)
+                .current_dir(&root))
+        },
+    )
+}
