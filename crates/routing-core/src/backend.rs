@@ -22,7 +22,8 @@ pub enum Access {
 }
 
 /// Queries the adapters run on the router's behalf. Every function and operator is
-/// schema-qualified, so objects an attacker creates in `public` are never called.
+/// schema-qualified, so objects an attacker creates in `public` are never called (`COALESCE` and
+/// `CASE` are syntax, not functions: `pg_catalog.coalesce` does not exist).
 /// Each returns one text column named `v`.
 pub mod sql {
     /// Checkout/connect check of writer sessions: must answer `false`.
@@ -36,12 +37,12 @@ pub mod sql {
     /// The monitor's probe; parsed by `crate::probe::ProbeReport::parse`.
     pub const PROBE: &str = "SELECT pg_catalog.concat_ws(' ', \
         r::pg_catalog.text, \
-        pg_catalog.coalesce((CASE WHEN r THEN pg_catalog.pg_last_wal_replay_lsn() ELSE pg_catalog.pg_current_wal_lsn() END)::pg_catalog.text, '-'), \
-        pg_catalog.coalesce(pg_catalog.pg_last_wal_receive_lsn()::pg_catalog.text, '-'), \
-        pg_catalog.coalesce(pg_catalog.round(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) pg_catalog.pg_last_xact_replay_timestamp()) OPERATOR(pg_catalog.*) 1000)::pg_catalog.int8::pg_catalog.text, '-'), \
-        pg_catalog.coalesce(CASE WHEN r THEN (SELECT w.received_tli FROM pg_catalog.pg_stat_wal_receiver w)::pg_catalog.text \
+        COALESCE((CASE WHEN r THEN pg_catalog.pg_last_wal_replay_lsn() ELSE pg_catalog.pg_current_wal_lsn() END)::pg_catalog.text, '-'), \
+        COALESCE(pg_catalog.pg_last_wal_receive_lsn()::pg_catalog.text, '-'), \
+        COALESCE(pg_catalog.round(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) pg_catalog.pg_last_xact_replay_timestamp()) OPERATOR(pg_catalog.*) 1000)::pg_catalog.int8::pg_catalog.text, '-'), \
+        COALESCE(CASE WHEN r THEN (SELECT w.received_tli FROM pg_catalog.pg_stat_wal_receiver w)::pg_catalog.text \
             ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END, '-'), \
-        pg_catalog.coalesce((SELECT s.system_identifier FROM pg_catalog.pg_control_system() s)::pg_catalog.text, '-')) AS v \
+        COALESCE((SELECT s.system_identifier FROM pg_catalog.pg_control_system() s)::pg_catalog.text, '-')) AS v \
         FROM (SELECT pg_catalog.pg_is_in_recovery() AS r) AS probe";
     /// Session setting that makes a reader session refuse writes at the server.
     pub const READ_ONLY_SETTING: (&str, &str) = ("default_transaction_read_only", "on");
