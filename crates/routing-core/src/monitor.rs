@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::backend::sql;
 use crate::router::Inner;
-use crate::{Backend, ProbeReport};
+use crate::{Backend, BackendError, ErrorKind, ProbeReport};
 
 /// Re-probes triggered by callers come no closer together than this, per node.
 const MIN_REPROBE_GAP: Duration = Duration::from_millis(10);
@@ -33,7 +33,7 @@ async fn run_node<B: Backend>(
         let Some(inner) = weak.upgrade() else { return };
         let interval = inner.config.probe_interval;
         let outcome = probe(&inner, i).await;
-        inner.record_probe(i, outcome);
+        inner.record_probe(i, outcome.as_ref().copied());
         drop(inner);
         nudges.mark_unchanged();
         tokio::select! {
@@ -47,7 +47,7 @@ async fn run_node<B: Backend>(
     }
 }
 
-async fn probe<B: Backend>(inner: &Inner<B>, i: usize) -> Result<ProbeReport, String> {
+async fn probe<B: Backend>(inner: &Inner<B>, i: usize) -> Result<ProbeReport, BackendError> {
     let pool = &inner.nodes[i].probe_pool;
     let answer = tokio::time::timeout(inner.config.probe_timeout, async {
         let mut session = B::checkout(pool).await?;
@@ -55,12 +55,13 @@ async fn probe<B: Backend>(inner: &Inner<B>, i: usize) -> Result<ProbeReport, St
     })
     .await;
     match answer {
-        Ok(Ok(Some(text))) => ProbeReport::parse(&text).map_err(|e| e.to_string()),
-        Ok(Ok(None)) => Err("probe returned no row".into()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "probe timed out after {:?}",
-            inner.config.probe_timeout
+        Ok(Ok(Some(text))) => ProbeReport::parse(&text)
+            .map_err(|e| BackendError::new(ErrorKind::Query, e.to_string())),
+        Ok(Ok(None)) => Err(BackendError::new(ErrorKind::Query, "probe returned no row")),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(BackendError::new(
+            ErrorKind::Timeout,
+            format!("probe timed out after {:?}", inner.config.probe_timeout),
         )),
     }
 }

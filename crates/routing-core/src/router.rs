@@ -16,9 +16,9 @@ use crate::stats::{Counters, bump};
 use crate::topology::Topology;
 use crate::{
     Access, Backend, BackendError, Candidate, CausalToken, Consistency, Epoch, Error, ErrorKind,
-    InMemoryMarks, Lsn, MarksFailure, NodeConfig, PoolSettings, PoolSpec, ProbeReport,
-    RegionPolicy, ReplicaPicker, RequestContext, RouterConfig, RouterStats, Snapshot, TokenCodec,
-    TokenError, UserKey, WriterMarks,
+    InMemoryMarks, Lsn, MarksFailure, NodeConfig, NodeRole, PoolSettings, PoolSpec, ProbeReport,
+    RegionPolicy, ReplicaPicker, RequestContext, RoleHint, RouterConfig, RouterStats, Snapshot,
+    TokenCodec, TokenError, UserKey, WriterMarks,
 };
 
 /// Routes writes to the primary and reads to replicas. Cheap to clone; every clone shares one
@@ -420,12 +420,12 @@ impl<B: Backend> Inner<B> {
     }
 
     /// Applies a probe outcome and publishes a new snapshot.
-    pub(crate) fn record_probe(&self, i: usize, outcome: Result<ProbeReport, String>) {
+    pub(crate) fn record_probe(&self, i: usize, outcome: Result<ProbeReport, &BackendError>) {
         let now = Instant::now();
         let mut topo = self.topology.lock();
         let changed = match outcome {
             Ok(report) => topo.apply_probe(i, report, now),
-            Err(why) => topo.apply_failure(i, &why, now),
+            Err(why) => topo.apply_error(i, why, now),
         };
         self.snapshot.store(Arc::new(topo.snapshot()));
         drop(topo);
@@ -438,7 +438,7 @@ impl<B: Backend> Inner<B> {
     fn report_failure(&self, i: usize, why: &BackendError) {
         bump(&self.counters.checkout_failures);
         tracing::warn!(node = %self.nodes[i].name, error = %why, "node failed on the request path");
-        self.record_probe(i, Err(why.to_string()));
+        self.record_probe(i, Err(why));
         self.nudge();
     }
 
@@ -521,6 +521,8 @@ impl<B: Backend> Inner<B> {
                         });
                     }
                 }
+            } else if let Some(err) = self.misconfigured(&snap) {
+                return Err(err);
             } else {
                 self.nudge();
             }
@@ -535,14 +537,73 @@ impl<B: Backend> Inner<B> {
         }
     }
 
+    /// With no writer known: if every node that could be the writer (any node not seen in
+    /// recovery) last failed for a reason waiting will not fix (authentication, configuration),
+    /// that error, naming the node (a writer candidate first), instead of waiting out the deadline.
+    fn misconfigured(&self, snap: &Snapshot) -> Option<Error> {
+        let mut found: Option<usize> = None;
+        for (i, n) in snap.nodes.iter().enumerate() {
+            if n.role == NodeRole::Replica {
+                continue;
+            }
+            if n.reachable
+                || !matches!(n.last_error_kind, Some(ErrorKind::Auth | ErrorKind::Config))
+            {
+                return None;
+            }
+            let better = found.is_none_or(|f| {
+                snap.nodes[f].hint != RoleHint::WriterCandidate
+                    && n.hint == RoleHint::WriterCandidate
+            });
+            if better {
+                found = Some(i);
+            }
+        }
+        let n = &snap.nodes[found?];
+        let kind = n.last_error_kind.unwrap_or(ErrorKind::Config);
+        let text = n.last_error.as_deref().unwrap_or("unknown error");
+        // `last_error` is the error's Display, which starts with the kind.
+        let message = text.strip_prefix(&format!("{kind:?}: ")).unwrap_or(text);
+        Some(Error::Backend {
+            node: n.name.to_string(),
+            source: BackendError::new(kind, message),
+        })
+    }
+
+    /// `name: last error` of every unreachable node, for error messages.
+    fn node_errors(&self) -> String {
+        let snap = self.snapshot.load();
+        let errors: Vec<String> = snap
+            .nodes
+            .iter()
+            .filter(|n| !n.reachable)
+            .map(|n| {
+                format!(
+                    "{}: {}",
+                    n.name,
+                    n.last_error.as_deref().unwrap_or("not probed yet")
+                )
+            })
+            .collect();
+        errors.join("; ")
+    }
+
     async fn read_on_primary(self: &Arc<Self>, fallback: bool) -> Result<ReadConn<B>, Error> {
         let (node, pooled) =
             self.acquire_on_writer(Access::ReadOnly)
                 .await
                 .map_err(|e| match e {
-                    Error::NoPrimary { waited } => Error::NoReader {
-                        reason: format!("no replica eligible and no primary within {waited:?}"),
-                    },
+                    Error::NoPrimary { waited } => {
+                        let errors = self.node_errors();
+                        let mut reason =
+                            format!("no replica eligible and no primary within {waited:?}");
+                        if !errors.is_empty() {
+                            reason.push_str(" (");
+                            reason.push_str(&errors);
+                            reason.push(')');
+                        }
+                        Error::NoReader { reason }
+                    }
                     other => other,
                 })?;
         bump(&self.counters.reads_primary);

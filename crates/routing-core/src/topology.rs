@@ -4,7 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{BanPolicy, Epoch, LagBounds, Lsn, NodeConfig, ProbeReport, Region, RoleHint};
+use crate::{
+    BackendError, BanPolicy, Epoch, ErrorKind, LagBounds, Lsn, NodeConfig, ProbeReport, Region,
+    RoleHint,
+};
 
 /// A node's role as last observed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +63,8 @@ pub struct NodeStatus {
     pub last_probe: Option<Instant>,
     /// The last failure, redacted.
     pub last_error: Option<String>,
+    /// How the last failure was classified, when the caller knew.
+    pub last_error_kind: Option<ErrorKind>,
     last_caught_up: Option<Instant>,
     rate_sample: Option<(Instant, Lsn)>,
     in_recovery: Option<bool>,
@@ -135,6 +140,7 @@ impl Topology {
                 lag_excluded: false,
                 last_probe: None,
                 last_error: None,
+                last_error_kind: None,
                 last_caught_up: None,
                 rate_sample: None,
                 in_recovery: None,
@@ -169,6 +175,7 @@ impl Topology {
         node.reachable = true;
         node.last_probe = Some(now);
         node.last_error = None;
+        node.last_error_kind = None;
         if node.banned_until.is_none_or(|t| t <= now) {
             node.banned_until = None;
             node.consecutive_failures = 0;
@@ -225,6 +232,7 @@ impl Topology {
         let already_banned = node.banned_until.is_some_and(|t| t > now);
         node.reachable = false;
         node.last_error = Some(crate::secret::redact(why));
+        node.last_error_kind = None;
         if !already_banned {
             node.consecutive_failures = node.consecutive_failures.saturating_add(1);
             let shift = node.consecutive_failures.saturating_sub(1).min(20);
@@ -232,6 +240,14 @@ impl Topology {
             node.banned_until = Some(now + backoff);
         }
         self.elect()
+    }
+
+    /// [`Topology::apply_failure`] for a classified error, so callers can tell failures that
+    /// waiting may fix (connection) from those it will not (authentication, configuration).
+    pub(crate) fn apply_error(&mut self, i: usize, err: &BackendError, now: Instant) -> bool {
+        let changed = self.apply_failure(i, &err.to_string(), now);
+        self.snap.nodes[i].last_error_kind = Some(err.kind);
+        changed
     }
 
     /// Chooses the writer among reachable, unfenced, out-of-recovery nodes on the newest timeline:
