@@ -12,50 +12,53 @@ use std::time::Duration;
 
 use crate::proc;
 
-/// Stops whatever server of directory `$D` still runs, then removes `$D`.
+/// Shell functions: `cleanup` stops whatever server of directory `$D` still runs, then removes `$D`.
 ///
 /// SIGQUIT is exactly what `pg_ctl stop -m immediate` sends; signalling directly needs neither
 /// pg_ctl nor a switch to the postgres user. A pid is only signalled if its command line proves it
 /// is ours (postgres mentions `$D`; redis-server rewrites its title), in case a stale pid file
 /// names a recycled pid.
 const CLEANUP: &str = r#"
+# Zombies count as gone: orphans are reaped by PID 1, which may take its time.
+running() {
+  read -r l < "/proc/$1/stat" 2>/dev/null || return 1
+  case "${l##*) }" in Z*|X*) return 1;; esac
+  return 0
+}
 ours() { [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' < "/proc/$1/cmdline" | grep -qF -- "$2"; }
-pids=""
-for f in "$D"/postmaster.pid "$D"/*/postmaster.pid; do
-  [ -f "$f" ] || continue
-  p=$(head -n1 "$f")
-  case "$p" in ''|*[!0-9]*) continue;; esac
-  ours "$p" "$D" && pids="$pids $p"
-done
-[ -n "$pids" ] && kill -QUIT $pids 2>/dev/null
-if [ -f "$D/redis.pid" ]; then
-  p=$(cat "$D/redis.pid")
-  case "$p" in ''|*[!0-9]*) ;; *) ours "$p" redis && kill -KILL "$p" 2>/dev/null;; esac
-fi
-i=0
-while [ -n "$pids" ] && [ $i -lt 100 ]; do
-  alive=""
-  for p in $pids; do kill -0 "$p" 2>/dev/null && alive="$alive $p"; done
-  pids="$alive"
-  [ -n "$pids" ] && sleep 0.1
-  i=$((i+1))
-done
-[ -n "$pids" ] && kill -KILL $pids 2>/dev/null
-rm -rf "$D"
+cleanup() {
+  pids=""
+  for f in "$D"/postmaster.pid "$D"/*/postmaster.pid; do
+    [ -f "$f" ] || continue
+    p=$(head -n1 "$f")
+    case "$p" in ''|*[!0-9]*) continue;; esac
+    ours "$p" "$D" && pids="$pids $p"
+  done
+  [ -n "$pids" ] && kill -QUIT $pids 2>/dev/null
+  if [ -f "$D/redis.pid" ]; then
+    p=$(cat "$D/redis.pid")
+    case "$p" in ''|*[!0-9]*) ;; *) ours "$p" redis && kill -KILL "$p" 2>/dev/null;; esac
+  fi
+  i=0
+  while [ -n "$pids" ] && [ $i -lt 100 ]; do
+    alive=""
+    for p in $pids; do running "$p" && alive="$alive $p"; done
+    pids="$alive"
+    [ -n "$pids" ] && sleep 0.1
+    i=$((i+1))
+  done
+  [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
+  rm -rf "$D"
+}
 "#;
 
 /// Starts the watchdog for `dir`, watching this process.
 pub(crate) fn spawn_watchdog(dir: &Path) -> std::io::Result<Child> {
     let script = format!(
         r#"
-alive() {{
-  kill -0 "$P" 2>/dev/null || return 1
-  read -r line < "/proc/$P/stat" 2>/dev/null || return 1
-  case "${{line##*) }}" in Z*|X*) return 1;; esac
-  return 0
-}}
-while alive; do sleep 0.2; done
-{CLEANUP}"#
+{CLEANUP}
+while running "$P"; do sleep 0.2; done
+cleanup"#
     );
     Command::new("/bin/sh")
         .arg("-c")
@@ -73,7 +76,9 @@ while alive; do sleep 0.2; done
 /// Runs the cleanup synchronously (stale-cluster sweep).
 pub(crate) fn cleanup_now(dir: &Path) {
     let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c").arg(CLEANUP).env("D", dir);
+    cmd.arg("-c")
+        .arg(format!("{CLEANUP}\ncleanup"))
+        .env("D", dir);
     let _ = proc::run(
         &mut cmd,
         None,

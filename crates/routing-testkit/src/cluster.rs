@@ -1036,18 +1036,18 @@ impl Drop for Cluster {
             .filter_map(|m| lock(m).as_ref().map(Child::id))
             .collect();
         proc::signal(&pids, "QUIT");
-        if let Some(r) = &self.redis {
-            if let Some(mut c) = lock(&r.child).take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+        if let Some(r) = &self.redis
+            && let Some(mut c) = lock(&r.child).take()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
         }
         for m in &self.procs {
-            if let Some(mut c) = lock(m).take() {
-                if !matches!(proc::wait_timeout(&mut c, STOP_TIMEOUT), Ok(Some(_))) {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
+            if let Some(mut c) = lock(m).take()
+                && !matches!(proc::wait_timeout(&mut c, STOP_TIMEOUT), Ok(Some(_)))
+            {
+                let _ = c.kill();
+                let _ = c.wait();
             }
         }
         if let Some(mut w) = lock(&self.watchdog).take() {

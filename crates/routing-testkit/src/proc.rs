@@ -30,10 +30,11 @@ pub(crate) fn server_user() -> Result<Option<RunAs>, KitError> {
     let passwd = std::fs::read_to_string("/etc/passwd")?;
     for line in passwd.lines() {
         let f: Vec<&str> = line.split(':').collect();
-        if f.len() >= 4 && f[0] == "postgres" {
-            if let (Ok(uid), Ok(gid)) = (f[2].parse(), f[3].parse()) {
-                return Ok(Some(RunAs { uid, gid }));
-            }
+        if f.len() >= 4
+            && f[0] == "postgres"
+            && let (Ok(uid), Ok(gid)) = (f[2].parse(), f[3].parse())
+        {
+            return Ok(Some(RunAs { uid, gid }));
         }
     }
     Err(KitError::NoServerUser {

@@ -174,18 +174,18 @@ fn handle(client: TcpStream, shared: Arc<Shared>) {
         shared.conns().insert(id, vec![c]);
     }
     // A blackholed new connection does not even reach the target.
-    if shared.wait_forwardable(Instant::now()) {
-        if let Ok(server) = TcpStream::connect_timeout(&shared.target, Duration::from_secs(5)) {
-            let _ = client.set_nodelay(true);
-            let _ = server.set_nodelay(true);
-            if let Ok(s) = server.try_clone() {
-                if let Some(v) = shared.conns().get_mut(&id) {
-                    v.push(s);
-                }
-            }
-            if !shared.is_shut() {
-                pump_both(client, server, &shared);
-            }
+    if shared.wait_forwardable(Instant::now())
+        && let Ok(server) = TcpStream::connect_timeout(&shared.target, Duration::from_secs(5))
+    {
+        let _ = client.set_nodelay(true);
+        let _ = server.set_nodelay(true);
+        if let Ok(s) = server.try_clone()
+            && let Some(v) = shared.conns().get_mut(&id)
+        {
+            v.push(s);
+        }
+        if !shared.is_shut() {
+            pump_both(client, server, &shared);
         }
     }
     shared.conns().remove(&id);

@@ -1,0 +1,112 @@
+//! Non-destructive checks against the shared cluster: replication, roles, auth and settings.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+use routing_testkit::{APP_PASSWORD, shared};
+
+#[test]
+fn write_on_primary_appears_on_each_replica() {
+    let c = shared();
+    assert_eq!(c.nodes().len(), 3);
+    let t = table("repl");
+    c.psql(
+        0,
+        &format!("CREATE TABLE {t} (v text); INSERT INTO {t} VALUES ('hello')"),
+    )
+    .unwrap();
+    for i in 1..c.nodes().len() {
+        let took = wait_for(
+            c,
+            i,
+            &format!("SELECT coalesce(max(v), '') FROM {t}"),
+            "hello",
+            Duration::from_secs(10),
+        );
+        eprintln!("row visible on {} after {took:?}", c.node(i).name());
+        assert_eq!(c.psql(i, "SELECT pg_is_in_recovery()").unwrap(), "t");
+    }
+    c.wait_replicated(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn replicas_report_under_their_node_names() {
+    let c = shared();
+    let names = c
+        .psql(0, "SELECT string_agg(application_name || ':' || state, ',' ORDER BY application_name) FROM pg_stat_replication")
+        .unwrap();
+    assert_eq!(names, "pg1:streaming,pg2:streaming");
+    for (i, n) in c.nodes().iter().enumerate() {
+        assert_eq!(n.name(), format!("pg{i}"));
+        assert!(n.data_dir().starts_with(c.dir()));
+        assert_eq!(
+            c.url(i),
+            format!("postgres://postgres@127.0.0.1:{}/postgres", n.port())
+        );
+        assert!(c.is_running(i));
+    }
+    assert_eq!(c.psql(1, "SHOW hot_standby_feedback").unwrap(), "on");
+    assert_eq!(
+        c.psql(1, "SHOW wal_receiver_status_interval").unwrap(),
+        "1s"
+    );
+    assert_eq!(c.psql(0, "SHOW listen_addresses").unwrap(), "127.0.0.1");
+    assert_eq!(c.psql(0, "SHOW synchronous_standby_names").unwrap(), "");
+}
+
+#[test]
+fn app_role_needs_its_password() {
+    let c = shared();
+    assert_eq!(
+        c.psql(0, "SELECT rolsuper, rolcanlogin, rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid WHERE rolname = 'app'").unwrap(),
+        "t|t|t"
+    );
+    assert_eq!(
+        c.app_url(1, APP_PASSWORD),
+        format!(
+            "postgres://app:app-secret@127.0.0.1:{}/postgres",
+            c.node(1).port()
+        )
+    );
+    // On the wire: `app` is asked for SASL (type 10), `postgres` is let in at once (type 0).
+    for (user, want) in [("app", 10u32), ("postgres", 0)] {
+        let mut s = TcpStream::connect(addr(c.node(0).port())).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&startup(user)).unwrap();
+        let (t, body) = read_msg(&mut s).unwrap();
+        assert_eq!(t, b'R', "user {user}");
+        assert_eq!(
+            u32::from_be_bytes(body[..4].try_into().unwrap()),
+            want,
+            "user {user}"
+        );
+    }
+}
+
+#[test]
+fn psql_reports_sql_errors_and_bad_nodes() {
+    let c = shared();
+    let e = c.psql(0, "SELECT * FROM no_such_table").unwrap_err();
+    assert!(e.to_string().contains("no_such_table"), "{e}");
+    assert!(matches!(
+        c.psql(7, "SELECT 1"),
+        Err(routing_testkit::KitError::NoSuchNode { index: 7, count: 3 })
+    ));
+    assert_eq!(c.psql(0, "SELECT 1, 'a'").unwrap(), "1|a");
+}
+
+#[test]
+fn shared_redis_answers() {
+    let c = shared();
+    let url = c.redis_url().unwrap();
+    let port: u16 = url
+        .trim_start_matches("redis://127.0.0.1:")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    assert_eq!(redis_cmd(port, "PING").unwrap(), "+PONG");
+}
