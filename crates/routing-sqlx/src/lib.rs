@@ -34,12 +34,12 @@
 //!
 //! // A read: a replica that has replayed the user's write (or the primary, read-only).
 //! let mut r = router.read_with(&ctx).await?;
-//! let n: i64 = r.check(
-//!     sqlx::query_scalar("SELECT n FROM carts WHERE user_id = $1")
-//!         .bind(42_i64)
-//!         .fetch_one(&mut *r)
-//!         .await,
-//! )?;
+//! let n = sqlx::query_scalar::<_, i64>("SELECT n FROM carts WHERE user_id = $1")
+//!     .bind(42_i64)
+//!     .fetch_one(&mut *r)
+//!     .await;
+//! // A write here would fail at the server; `check` names it `Error::MisroutedWrite`.
+//! let n = r.check(n)?;
 //! # let _ = n;
 //! # Ok(())
 //! # }

@@ -1,0 +1,322 @@
+//! The sqlx pools against a real cluster from the test kit: read-only sessions, misrouted writes,
+//! writer checks, typed configuration and auth errors, and generation checks across a promotion.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use routing_sqlx::sqlx::{self, Row};
+use routing_sqlx::{
+    Access, Backend, Consistency, Epoch, Error, ErrorKind, NodeConfig, PoolSettings, PoolSpec,
+    RequestContext, Router, RouterConfig, SqlxBackend,
+};
+use routing_testkit::{APP_PASSWORD, Cluster, ClusterBuilder};
+
+fn fast_config() -> RouterConfig {
+    RouterConfig {
+        probe_interval: Duration::from_millis(50),
+        probe_timeout: Duration::from_millis(500),
+        write_deadline: Duration::from_secs(3),
+        ..RouterConfig::default()
+    }
+}
+
+async fn router(c: &Cluster) -> Router {
+    let nodes = (0..c.nodes().len()).map(|i| {
+        if i == c.primary() {
+            NodeConfig::writer(format!("n{i}"), c.url(i))
+        } else {
+            NodeConfig::replica(format!("n{i}"), c.url(i))
+        }
+    });
+    Router::builder(SqlxBackend::new())
+        .nodes(nodes)
+        .config(fast_config())
+        .build()
+        .await
+        .expect("router builds")
+}
+
+async fn text(conn: &mut sqlx::PgConnection, sql: &'static str) -> String {
+    sqlx::query_scalar::<_, String>(sql)
+        .fetch_one(conn)
+        .await
+        .expect(sql)
+}
+
+/// `(pg_backend_pid(), inet_server_port())` of a session.
+async fn whoami(conn: &mut sqlx::PgConnection) -> (i32, i32) {
+    let row = sqlx::query("SELECT pg_backend_pid(), inet_server_port()")
+        .fetch_one(conn)
+        .await
+        .expect("whoami");
+    (row.get(0), row.get(1))
+}
+
+fn port(c: &Cluster, i: usize) -> i32 {
+    i32::from(c.node(i).port())
+}
+
+fn spec(url: String, access: Access) -> PoolSpec {
+    PoolSpec {
+        node: NodeConfig::writer("target", url),
+        access,
+        settings: PoolSettings {
+            connect_timeout: Duration::from_secs(2),
+            ..PoolSettings::default()
+        },
+        epoch: Epoch::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reader_sessions_are_read_only_at_the_server() {
+    let c = routing_testkit::shared();
+    let r = router(c).await;
+
+    let mut replica = r
+        .read_with(&RequestContext::new().consistency(Consistency::Eventual))
+        .await
+        .unwrap();
+    assert!(!replica.on_primary(), "{replica:?}");
+    assert_eq!(
+        text(&mut replica, "SHOW default_transaction_read_only").await,
+        "on"
+    );
+
+    let mut primary = r
+        .read_with(&RequestContext::new().force_primary(true))
+        .await
+        .unwrap();
+    assert!(primary.on_primary());
+    assert_eq!(
+        text(&mut primary, "SHOW default_transaction_read_only").await,
+        "on"
+    );
+    assert_eq!(text(&mut primary, "SHOW transaction_read_only").await, "on");
+
+    let mut w = r.write().await.unwrap();
+    assert_eq!(
+        text(&mut w, "SHOW default_transaction_read_only").await,
+        "off"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_a_read_guard_is_a_misrouted_write() {
+    let c = routing_testkit::shared();
+    let r = router(c).await;
+    for ctx in [
+        RequestContext::new().consistency(Consistency::Eventual),
+        // On the primary the session is read-only too: the server refuses, not the router.
+        RequestContext::new().force_primary(true),
+    ] {
+        let mut g = r.read_with(&ctx).await.unwrap();
+        let node = g.node_name().to_string();
+        let res = sqlx::query("CREATE TABLE sqlx_misrouted (x int)")
+            .execute(&mut *g)
+            .await;
+        match g.check(res) {
+            Err(Error::MisroutedWrite { node: n }) => assert_eq!(n, node),
+            other => panic!("expected MisroutedWrite on {node}, got {other:?}"),
+        }
+    }
+    // Nothing was created.
+    assert_eq!(
+        c.psql(
+            0,
+            "SELECT count(*) FROM pg_class WHERE relname = 'sqlx_misrouted'"
+        )
+        .unwrap(),
+        "0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_pool_refuses_a_node_in_recovery() {
+    let c = routing_testkit::shared();
+    let replica = (0..c.nodes().len()).find(|&i| i != c.primary()).unwrap();
+
+    // The pool itself: the connect-time check fails fast with NotWriter.
+    let pool = SqlxBackend::new()
+        .build_pool(spec(c.url(replica), Access::ReadWrite))
+        .unwrap();
+    let t = Instant::now();
+    let err = SqlxBackend::checkout(&pool).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::NotWriter, "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}: the refusal must not wait out the pool timeout",
+        t.elapsed()
+    );
+    // The same node serves read-only sessions.
+    let readers = SqlxBackend::new()
+        .build_pool(spec(c.url(replica), Access::ReadOnly))
+        .unwrap();
+    let mut s = SqlxBackend::checkout(&readers).await.unwrap();
+    let v = SqlxBackend::query_text(&mut s, routing_sqlx::sql::WRITER_CHECK)
+        .await
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("true"));
+
+    // A router whose only writer candidate is a replica never sends a write: typed error.
+    let r = Router::builder(SqlxBackend::new())
+        .node(NodeConfig::writer("not-a-primary", c.url(replica)))
+        .config(RouterConfig {
+            write_deadline: Duration::from_millis(500),
+            ..fast_config()
+        })
+        .build()
+        .await
+        .unwrap();
+    match r.write().await {
+        Err(Error::NoPrimary { .. }) => {}
+        other => panic!("expected NoPrimary, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_host_url_is_a_typed_config_error() {
+    let url =
+        "postgres://app:s3cret@127.0.0.1:5432,127.0.0.1:5433/db?target_session_attrs=read-write";
+    let err = Router::builder(SqlxBackend::new())
+        .node(NodeConfig::writer("pg-ha", url))
+        .build()
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Backend { node, source } => {
+            assert_eq!(node, "pg-ha");
+            assert_eq!(source.kind, ErrorKind::Config);
+            assert!(source.message.contains("pg-ha"), "{}", source.message);
+        }
+        other => panic!("expected a Config backend error, got {other:?}"),
+    }
+    for shown in [err.to_string(), format!("{err:?}")] {
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_password_is_an_auth_error_without_the_password() {
+    let c = routing_testkit::shared();
+    let wrong = "Wr0ng-passw0rd-xyz";
+    let url = c.app_url(c.primary(), wrong);
+
+    let pool = SqlxBackend::new()
+        .build_pool(spec(url.clone(), Access::ReadWrite))
+        .unwrap();
+    let err = SqlxBackend::checkout(&pool).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Auth, "{err}");
+    assert_eq!(err.sqlstate.as_deref(), Some("28P01"));
+    let mut shown = vec![err.to_string(), format!("{err:?}")];
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        shown.push(s.to_string());
+        source = s.source();
+    }
+
+    // Through a router: the monitor's view and the write's error.
+    let r = Router::builder(SqlxBackend::new())
+        .node(NodeConfig::writer("app-db", url))
+        .config(RouterConfig {
+            write_deadline: Duration::from_millis(300),
+            ..fast_config()
+        })
+        .build()
+        .await
+        .unwrap();
+    let snap = r.snapshot();
+    let probe_error = snap.nodes[0].last_error.clone().unwrap_or_default();
+    assert!(
+        probe_error.contains("password authentication failed"),
+        "{probe_error}"
+    );
+    shown.push(probe_error);
+    shown.push(format!("{r:?}"));
+    shown.push(format!("{:?}", r.write().await.unwrap_err()));
+    for s in &shown {
+        assert!(!s.contains(wrong), "password leaked: {s}");
+    }
+
+    // The right password works (the role is real).
+    let ok = SqlxBackend::new()
+        .build_pool(spec(
+            c.app_url(c.primary(), APP_PASSWORD),
+            Access::ReadWrite,
+        ))
+        .unwrap();
+    SqlxBackend::checkout(&ok).await.unwrap();
+}
+
+/// A promotion bumps the topology generation: writes move to the new primary at once, and the
+/// connections pooled to the promoted node while it was a replica are never handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_bump_discards_old_pooled_connections() {
+    let c = ClusterBuilder::new().replicas(1).start().unwrap();
+    let r = router(&c).await;
+    let eventual = RequestContext::new().consistency(Consistency::Eventual);
+
+    // Fill node 1's reader pool with a few connections (held at once, so they are distinct).
+    let mut old_reader_pids = HashSet::new();
+    {
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut g = r.read_with(&eventual).await.unwrap();
+            let (pid, p) = whoami(&mut g).await;
+            assert_eq!(p, port(&c, 1));
+            old_reader_pids.insert(pid);
+            held.push(g);
+        }
+    }
+    // They are reused while nothing changes (sqlx returns a dropped connection to its pool from
+    // a spawned task: give it a moment).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let generation = r.snapshot().generation;
+    {
+        let mut g = r.read_with(&eventual).await.unwrap();
+        assert!(old_reader_pids.contains(&whoami(&mut g).await.0));
+    }
+    let mut w = r.write().await.unwrap();
+    assert_eq!(whoami(&mut w).await.1, port(&c, 0));
+    drop(w);
+    assert_eq!(
+        r.snapshot().generation,
+        generation,
+        "topology changed by itself"
+    );
+
+    // Promote node 1 while node 0 is still up and writable (two primaries): the newer timeline
+    // wins and the old primary is fenced.
+    let promoted = Instant::now();
+    c.promote(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r.snapshot().writer != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "no re-election: {:?}",
+            r.snapshot()
+        );
+        r.topology_changed(Duration::from_millis(100)).await;
+    }
+    let elected = promoted.elapsed();
+    assert!(r.snapshot().generation > generation);
+
+    for _ in 0..10 {
+        let mut w = r.write().await.unwrap();
+        assert_eq!(
+            whoami(&mut w).await.1,
+            port(&c, 1),
+            "write on the old primary"
+        );
+        // Node 1 has no replica now: reads go to it, read-only, on fresh connections.
+        let mut g = r.read_with(&eventual).await.unwrap();
+        let (pid, p) = whoami(&mut g).await;
+        assert_eq!(p, port(&c, 1));
+        assert!(
+            !old_reader_pids.contains(&pid),
+            "a connection from before the promotion was handed out again"
+        );
+        assert_eq!(text(&mut g, "SHOW transaction_read_only").await, "on");
+    }
+    eprintln!("re-elected {elected:?} after the promotion returned");
+}
