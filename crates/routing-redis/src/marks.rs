@@ -386,10 +386,23 @@ impl Inner {
                 Ok(v)
             }
             Ok(Err(e)) => {
-                bump(&self.counters.errors);
-                self.health.timeouts_in_row.store(0, Ordering::Relaxed);
-                let message = format!("{}: {op} failed: {e}", self.describe);
+                // The connection's own response timeout (same length) usually fires first.
+                let timed_out = e.is_timeout();
+                let message = if timed_out {
+                    bump(&self.counters.timeouts);
+                    format!(
+                        "{}: {op} got no answer within {:?}",
+                        self.describe, self.timeout
+                    )
+                } else {
+                    bump(&self.counters.errors);
+                    self.health.timeouts_in_row.store(0, Ordering::Relaxed);
+                    format!("{}: {op} failed: {e}", self.describe)
+                };
                 self.failed(op, &message);
+                if timed_out {
+                    self.maybe_reconnect();
+                }
                 Err(MarksError {
                     message,
                     source: Some(Box::new(e)),
