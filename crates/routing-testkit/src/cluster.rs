@@ -228,8 +228,10 @@ fn prepare_base(base: &Path, run_as: Option<RunAs>) -> Result<(), KitError> {
         path: base.to_path_buf(),
         source,
     })?;
-    if !existed && run_as.is_some() {
-        let _ = std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755));
+    if !existed {
+        // Like /tmp: every user can make clusters here (root runs servers as `postgres`, other
+        // users as themselves), and nobody can delete another's.
+        let _ = std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o1777));
     }
     if let Some(r) = run_as {
         // The postgres user must traverse every ancestor, or the server fails obscurely later.
@@ -654,7 +656,10 @@ impl Cluster {
     ) -> Result<(), KitError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let last = match self.psql(i, sql) {
+            // A wedged server must not stretch the caller's timeout by a whole SQL_TIMEOUT.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let per_call = (left + Duration::from_secs(1)).min(SQL_TIMEOUT);
+            let last = match self.psql_timeout(i, &[sql], per_call) {
                 Ok(out) if done(&out) => return Ok(()),
                 Ok(out) => out,
                 Err(e) => e.to_string(),
@@ -720,6 +725,10 @@ impl Cluster {
     /// Each statement goes in its own `-c`, so statements that refuse transaction blocks
     /// (ALTER SYSTEM) can be combined with others.
     fn psql_all(&self, i: usize, sqls: &[&str]) -> Result<String, KitError> {
+        self.psql_timeout(i, sqls, SQL_TIMEOUT)
+    }
+
+    fn psql_timeout(&self, i: usize, sqls: &[&str], timeout: Duration) -> Result<String, KitError> {
         let n = self.check(i)?;
         let mut cmd = Command::new(self.pg.tool("psql"));
         proc::clean_env(&mut cmd);
@@ -734,7 +743,7 @@ impl Cluster {
         let out = proc::run(
             &mut cmd,
             None,
-            SQL_TIMEOUT,
+            timeout,
             &format!("psql on {}: {shown}", n.name),
         )?;
         Ok(out.stdout.trim().to_string())

@@ -146,7 +146,7 @@ fn sigkilled_test_process_is_cleaned_by_the_watchdog() {
 
 #[test]
 fn stale_dirs_of_dead_processes_are_swept() {
-    let base = std::env::temp_dir().join(format!("rtk-sweep-{}", std::process::id()));
+    let base = scratch("rtk-sweep");
     // A pid that is certainly dead: a child we already reaped.
     let mut t = Command::new("true").spawn().unwrap();
     let dead = t.id();

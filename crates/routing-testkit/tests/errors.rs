@@ -1,6 +1,10 @@
 //! Bad input fails fast with an error that names the cause.
 
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::scratch;
 
 use routing_testkit::{ClusterBuilder, KitError};
 
@@ -98,7 +102,7 @@ fn uncreatable_data_dir_is_data_dir_error() {
 
 #[test]
 fn custom_base_dir_is_used_and_cleaned() {
-    let base = std::env::temp_dir().join(format!("rtk-errors-base-{}", std::process::id()));
+    let base = scratch("rtk-errors-base");
     let c = ClusterBuilder::new()
         .replicas(0)
         .base_dir(&base)
@@ -109,4 +113,58 @@ fn custom_base_dir_is_used_and_cleaned() {
     drop(c);
     assert!(!dir.exists());
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// The newest `/usr/lib/postgresql/<v>/bin` (what the kit picks by default on Debian).
+fn real_pg_bin() -> Option<std::path::PathBuf> {
+    let mut v: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .collect();
+    v.sort();
+    v.pop().map(|(_, p)| p)
+}
+
+#[test]
+fn failed_server_start_shows_the_log_tail() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(real) = real_pg_bin() else {
+        eprintln!("no /usr/lib/postgresql: skipped");
+        return;
+    };
+    // A bin dir whose `postgres` works for initdb (-V, --boot, --single) but dies when started
+    // as a server, the way a broken config would.
+    let root = scratch("rtk-fakepg");
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for tool in ["initdb", "psql"] {
+        // A copy, not a symlink: initdb looks for `postgres` next to its resolved path.
+        std::fs::copy(real.join(tool), bin.join(tool)).unwrap();
+    }
+    let script = format!(
+        "#!/bin/sh\nif [ \"$1\" = -D ]; then echo 'FATAL:  simulated start failure' >&2; exit 1; fi\nexec {} \"$@\"\n",
+        real.join("postgres").display()
+    );
+    std::fs::write(bin.join("postgres"), script).unwrap();
+    std::fs::set_permissions(bin.join("postgres"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let err = quick(|| {
+        ClusterBuilder::new()
+            .replicas(0)
+            .pg_bin_dir(&bin)
+            .base_dir(root.join("base"))
+            .start()
+    })
+    .unwrap_err();
+    let _ = std::fs::remove_dir_all(&root);
+    match &err {
+        KitError::ServerStart { name, log_tail, .. } => {
+            assert_eq!(name, "pg0");
+            assert!(log_tail.contains("simulated start failure"), "{log_tail}");
+        }
+        other => panic!("expected ServerStart, got {other:?}"),
+    }
+    assert!(err.to_string().contains("simulated start failure"));
 }

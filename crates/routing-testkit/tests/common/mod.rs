@@ -164,3 +164,14 @@ pub fn procs_mentioning(needle: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// A scratch dir for tests that need their own base dir: on tmpfs when there is one (disk
+/// writes are slow on this kind of VM).
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    let parent = if std::path::Path::new("/dev/shm").is_dir() {
+        std::path::PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    parent.join(format!("{name}-{}", std::process::id()))
+}
