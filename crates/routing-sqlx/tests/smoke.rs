@@ -320,3 +320,72 @@ async fn a_generation_bump_discards_old_pooled_connections() {
     }
     eprintln!("re-elected {elected:?} after the promotion returned");
 }
+
+/// sqlx retries a refused connect until the pool's timeout; the adapter reports it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refusing_connections_fails_the_checkout_at_once() {
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{closed_port}/postgres");
+    for access in [Access::ReadWrite, Access::ReadOnly, Access::Probe] {
+        let pool = SqlxBackend::new()
+            .build_pool(spec(url.clone(), access))
+            .unwrap();
+        let t = Instant::now();
+        let err = SqlxBackend::checkout(&pool).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Connection, "{err}");
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{access:?} took {:?}",
+            t.elapsed()
+        );
+    }
+}
+
+/// A replica that dies under warm pools: reads move on at once (ban + primary fallback), and
+/// come back to the replica when it is restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replica_is_left_at_once_and_readmitted() {
+    let c = ClusterBuilder::new().replicas(1).start().unwrap();
+    // Probes far apart: the request path alone must notice the dead replica.
+    let r = Router::builder(SqlxBackend::new())
+        .node(NodeConfig::writer("n0", c.url(0)))
+        .node(NodeConfig::replica("n1", c.url(1)))
+        .config(RouterConfig {
+            probe_interval: Duration::from_secs(30),
+            ..fast_config()
+        })
+        .build()
+        .await
+        .unwrap();
+    let eventual = RequestContext::new().consistency(Consistency::Eventual);
+    let mut g = r.read_with(&eventual).await.unwrap();
+    assert_eq!(whoami(&mut g).await.1, port(&c, 1));
+    drop(g);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    c.kill(1).unwrap();
+    let t = Instant::now();
+    let mut g = r.read_with(&eventual).await.unwrap();
+    let (_, p) = whoami(&mut g).await;
+    let took = t.elapsed();
+    assert_eq!(p, port(&c, 0));
+    assert!(g.on_primary());
+    assert!(took < Duration::from_millis(500), "read took {took:?}");
+    drop(g);
+
+    c.restart(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut g = r.read_with(&eventual).await.unwrap();
+        if whoami(&mut g).await.1 == port(&c, 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica not readmitted");
+        r.reprobe();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
