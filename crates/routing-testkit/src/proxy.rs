@@ -20,7 +20,9 @@ use crate::KitError;
 pub enum ProxyMode {
     /// Forward everything at once.
     Pass,
-    /// Forward each chunk this long after it arrived (added one-way latency).
+    /// Forward each chunk this long after it arrived (added one-way latency, so a request and
+    /// its reply take 2x longer). A new connection also reaches the target one delay late, like
+    /// a slow TCP handshake.
     Delay(Duration),
     /// Accept connections but forward nothing either way: clients hang until their own timeouts.
     /// Data is held, not dropped, so switching back to `Pass` lets it through like a healed

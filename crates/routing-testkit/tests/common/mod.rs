@@ -175,3 +175,40 @@ pub fn scratch(name: &str) -> std::path::PathBuf {
     };
     parent.join(format!("{name}-{}", std::process::id()))
 }
+
+/// A raw wire-protocol session (trust auth as `postgres`), for checks that must run within
+/// milliseconds of each other: spawning psql costs ~10-50 ms on a busy machine.
+pub struct RawSession(TcpStream);
+
+impl RawSession {
+    pub fn connect(port: u16) -> RawSession {
+        let mut s = TcpStream::connect(addr(port)).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&startup("postgres")).unwrap();
+        read_until_ready(&mut s).unwrap();
+        RawSession(s)
+    }
+
+    /// Runs a simple query and returns the first column of the first row ("" if none).
+    pub fn one(&mut self, sql: &str) -> String {
+        self.0.write_all(&query(sql)).unwrap();
+        let mut first = None;
+        loop {
+            let (t, body) = read_msg(&mut self.0).unwrap();
+            match t {
+                b'D' if first.is_none() => {
+                    let len = i32::from_be_bytes(body[2..6].try_into().unwrap());
+                    first = Some(if len < 0 {
+                        String::new()
+                    } else {
+                        String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned()
+                    });
+                }
+                b'E' => panic!("error from server: {}", String::from_utf8_lossy(&body)),
+                b'Z' => return first.unwrap_or_default(),
+                _ => {}
+            }
+        }
+    }
+}
