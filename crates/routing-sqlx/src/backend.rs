@@ -171,12 +171,7 @@ impl Backend for SqlxBackend {
                 "sqlx pools must be built inside a tokio runtime",
             ));
         }
-        let PoolSpec {
-            node,
-            access,
-            settings,
-            epoch,
-        } = spec;
+        let (node, access, settings, epoch) = (spec.node, spec.access, spec.settings, spec.epoch);
         let mut opts = options::parse(&node)?;
         if let Some(f) = &self.configure {
             opts = f(&node, access, opts);

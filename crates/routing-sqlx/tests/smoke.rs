@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use routing_sqlx::sqlx::{self, Row};
 use routing_sqlx::{
-    Access, Backend, Consistency, Epoch, Error, ErrorKind, NodeConfig, PoolSettings, PoolSpec,
-    RequestContext, Router, RouterConfig, SqlxBackend,
+    Access, Backend, BackendError, Consistency, Epoch, Error, ErrorKind, NodeConfig, PoolSettings,
+    PoolSpec, RequestContext, Router, RouterConfig, SqlxBackend,
 };
 use routing_testkit::{APP_PASSWORD, Cluster, ClusterBuilder};
 
@@ -66,6 +66,20 @@ fn spec(url: String, access: Access) -> PoolSpec {
         },
         epoch: Epoch::default(),
     }
+}
+
+/// Checks out of a fresh pool to `url`, which must fail within `limit` (not after the pool's
+/// 2 s timeout).
+async fn failed_checkout(url: String, access: Access, limit: Duration) -> BackendError {
+    let pool = SqlxBackend::new().build_pool(spec(url, access)).unwrap();
+    let t = Instant::now();
+    let err = SqlxBackend::checkout(&pool).await.unwrap_err();
+    assert!(
+        t.elapsed() < limit,
+        "{access:?} took {:?}: {err}",
+        t.elapsed()
+    );
+    err
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,17 +151,9 @@ async fn the_writer_pool_refuses_a_node_in_recovery() {
     let replica = (0..c.nodes().len()).find(|&i| i != c.primary()).unwrap();
 
     // The pool itself: the connect-time check fails fast with NotWriter.
-    let pool = SqlxBackend::new()
-        .build_pool(spec(c.url(replica), Access::ReadWrite))
-        .unwrap();
-    let t = Instant::now();
-    let err = SqlxBackend::checkout(&pool).await.unwrap_err();
+    // (The pool's timeout is 2 s.)
+    let err = failed_checkout(c.url(replica), Access::ReadWrite, Duration::from_secs(1)).await;
     assert_eq!(err.kind, ErrorKind::NotWriter, "{err}");
-    assert!(
-        t.elapsed() < Duration::from_secs(1),
-        "took {:?}: the refusal must not wait out the pool timeout",
-        t.elapsed()
-    );
     // The same node serves read-only sessions.
     let readers = SqlxBackend::new()
         .build_pool(spec(c.url(replica), Access::ReadOnly))
@@ -331,17 +337,8 @@ async fn a_node_refusing_connections_fails_the_checkout_at_once() {
         .port();
     let url = format!("postgres://postgres@127.0.0.1:{closed_port}/postgres");
     for access in [Access::ReadWrite, Access::ReadOnly, Access::Probe] {
-        let pool = SqlxBackend::new()
-            .build_pool(spec(url.clone(), access))
-            .unwrap();
-        let t = Instant::now();
-        let err = SqlxBackend::checkout(&pool).await.unwrap_err();
-        assert_eq!(err.kind, ErrorKind::Connection, "{err}");
-        assert!(
-            t.elapsed() < Duration::from_millis(500),
-            "{access:?} took {:?}",
-            t.elapsed()
-        );
+        let err = failed_checkout(url.clone(), access, Duration::from_millis(500)).await;
+        assert_eq!(err.kind, ErrorKind::Connection, "{access:?}: {err}");
     }
 }
 
