@@ -9,7 +9,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row};
 use tokio::sync::watch;
 
-use crate::errors::backend_error;
+use crate::errors::{backend_error, backend_error_at};
 use crate::options;
 
 type Configure = dyn Fn(&NodeConfig, Access, PgConnectOptions) -> PgConnectOptions + Send + Sync;
@@ -102,7 +102,7 @@ impl NodePool {
                 ),
             )
             .with_source(e),
-            other => backend_error(other),
+            other => backend_error_at(&format!("{} ({:?})", self.node, self.access), other),
         })
     }
 }

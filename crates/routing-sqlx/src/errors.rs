@@ -25,11 +25,22 @@ pub fn classify(err: &sqlx::Error) -> ErrorKind {
 /// A sqlx error as the core's [`BackendError`]: classified, with its SQLSTATE, its message
 /// redacted, and the sqlx error as its source.
 pub fn backend_error(err: sqlx::Error) -> BackendError {
+    let message = err.to_string();
+    with_message(message, err)
+}
+
+/// [`backend_error`] with its message prefixed by where it happened (`pg-1 (ReadOnly): ...`).
+pub(crate) fn backend_error_at(context: &str, err: sqlx::Error) -> BackendError {
+    let message = format!("{context}: {err}");
+    with_message(message, err)
+}
+
+fn with_message(message: String, err: sqlx::Error) -> BackendError {
     let sqlstate = match &err {
         sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
         _ => None,
     };
-    let mut out = BackendError::new(classify(&err), err.to_string());
+    let mut out = BackendError::new(classify(&err), message);
     if let Some(code) = sqlstate {
         out = out.with_sqlstate(code);
     }
