@@ -57,6 +57,11 @@
 //! - **At checkout** (`before_acquire`) a pooled connection made before the last topology change
 //!   is closed (sqlx connections cannot be stamped, so their age is compared with the time of the
 //!   last [`Epoch`] bump), then, with `pre_ping`, readers are pinged and writers re-checked.
+//! - **A node that refuses connections fails the checkout at once** ([`ErrorKind::Connection`]):
+//!   sqlx itself retries a refused connect until the pool's timeout (it assumes a server that is
+//!   starting up), which would hold every request to a dead replica for `connect_timeout`. A
+//!   checkout still waiting after 20 ms opens a plain TCP connection to the node (at most one per
+//!   pool every 100 ms) to tell "refused" from "busy".
 //! - `max_lifetime`, `idle_timeout`, `max_size` and `connect_timeout` (sqlx's `acquire_timeout`)
 //!   come from [`PoolSettings`]; pools connect lazily, so nodes may be down at startup.
 //!
@@ -69,6 +74,8 @@
 //!   job on every connection instead.
 //! - sqlx has no `pg_lsn` type: the core reads LSNs as text and parses them into [`Lsn`].
 //! - Only URLs are accepted (`postgres://...`), not `key=value` conninfo strings.
+//! - sqlx logs a refused writer connection (`error returned from after_connect`) at error level
+//!   before the checkout reports [`ErrorKind::NotWriter`].
 
 mod backend;
 mod errors;
