@@ -655,11 +655,13 @@ impl<B: Backend> Inner<B> {
                     if !caught_up.is_empty() {
                         (self.pick(snap, &caught_up), false)
                     } else {
+                        // Wait only where the last measured lag leaves a margin (half the
+                        // budget): a replica lagging about as much as the budget usually misses it.
                         let budget = self.config.wait_budget;
                         let hopeful: SmallVec<[usize; 8]> = tier
                             .iter()
                             .copied()
-                            .filter(|&i| snap.nodes[i].lag.unwrap_or(Duration::MAX) <= budget)
+                            .filter(|&i| snap.nodes[i].lag.unwrap_or(Duration::MAX) <= budget / 2)
                             .collect();
                         if hopeful.is_empty() || budget.is_zero() {
                             break;

@@ -196,8 +196,16 @@ impl Topology {
             node.system_id = report.system_id;
         }
         if report.in_recovery {
+            // Caught up: replayed everything the primary had at its last probe or, before the
+            // primary has answered, everything this replica has received (an idle cluster's old
+            // replay timestamp is not lag).
+            let caught_up = match (primary_lsn, report.lsn, report.receive_lsn) {
+                (Some(p), Some(r), _) => r >= p,
+                (None, Some(r), Some(recv)) => r >= recv,
+                _ => false,
+            };
             match (primary_lsn, report.lsn) {
-                (Some(p), Some(r)) if r >= p => {
+                _ if caught_up => {
                     node.last_caught_up = Some(now);
                     node.lag_bytes = Some(0);
                     node.lag = Some(Duration::ZERO);
@@ -559,6 +567,22 @@ mod tests {
         );
         assert!(epoch.admits(epoch.generation()));
         assert!(!epoch.admits_age(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn a_replica_probed_before_the_primary_is_not_lagging_on_an_old_timestamp() {
+        let mut t = topo(2);
+        let now = Instant::now();
+        // The replica answers first: fully applied what it received, last commit an hour ago.
+        t.apply_probe(1, replica(500, 3_600_000), now);
+        let s = t.snapshot();
+        assert_eq!(s.nodes[1].lag, Some(Duration::ZERO));
+        assert!(!s.nodes[1].lag_excluded);
+        // Received more than applied (apply delay): the timestamp is real lag.
+        let mut delayed = replica(500, 800);
+        delayed.receive_lsn = Some(Lsn(900));
+        t.apply_probe(1, delayed, now + Duration::from_secs(2));
+        assert_eq!(t.snapshot().nodes[1].lag, Some(Duration::from_millis(800)));
     }
 
     #[test]
