@@ -1,0 +1,452 @@
+//! The [`Backend`] implementation: one bb8 pool of diesel-async connections per node and access.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bb8::ManageConnection;
+use diesel::OptionalExtension;
+use diesel::QueryableByName;
+use diesel::sql_types::{Nullable, Text};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, PoolError};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use routing_core::{Access, Backend, BackendError, Epoch, ErrorKind, PoolSpec, sql};
+use tokio::sync::watch;
+
+use crate::error;
+
+/// The diesel-async backend: `Router<DieselBackend>` hands out [`AsyncPgConnection`]s.
+///
+/// Per node it keeps three lazily filled bb8 pools: writers (each new session is checked with
+/// [`sql::WRITER_CHECK`] and refused if the node is in recovery), readers and probes (sessions
+/// made read-only at the server with `SET default_transaction_read_only = on`). Every session is
+/// stamped with the topology generation it was made under and never handed out once the
+/// generation moved on.
+#[derive(Debug, Clone, Default)]
+pub struct DieselBackend {
+    _private: (),
+}
+
+impl DieselBackend {
+    /// The backend. It has no settings of its own: pools follow the router's
+    /// [`routing_core::PoolSettings`].
+    pub fn new() -> Self {
+        DieselBackend::default()
+    }
+}
+
+/// One node's pool for one [`Access`].
+pub struct DieselPool {
+    pool: bb8::Pool<Manager>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for DieselPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.pool.state();
+        f.debug_struct("DieselPool")
+            .field("node", &self.shared.node)
+            .field("access", &self.shared.access)
+            .field("connections", &state.connections)
+            .field("idle", &state.idle_connections)
+            .finish()
+    }
+}
+
+impl DieselPool {
+    /// The node this pool connects to.
+    pub fn node_name(&self) -> &str {
+        &self.shared.node
+    }
+
+    /// What the pool's sessions are for.
+    pub fn access(&self) -> Access {
+        self.shared.access
+    }
+
+    /// bb8's view: open and idle connections.
+    pub fn state(&self) -> bb8::State {
+        self.pool.state()
+    }
+}
+
+/// A session checked out of a [`DieselPool`]; dereferences to [`AsyncPgConnection`] and goes back
+/// to its pool when dropped.
+pub struct PooledConn {
+    inner: bb8::PooledConnection<'static, Manager>,
+}
+
+impl PooledConn {
+    /// The topology generation this session was made under.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation
+    }
+
+    /// How long ago the session was opened.
+    pub fn age(&self) -> Duration {
+        self.inner.born.elapsed()
+    }
+}
+
+impl Deref for PooledConn {
+    type Target = AsyncPgConnection;
+    fn deref(&self) -> &AsyncPgConnection {
+        &self.inner.conn
+    }
+}
+
+impl DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut AsyncPgConnection {
+        &mut self.inner.conn
+    }
+}
+
+impl fmt::Debug for PooledConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PooledConn")
+            .field("generation", &self.inner.generation)
+            .field("age", &self.inner.born.elapsed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A pooled session with what the checkout checks need.
+struct Conn {
+    conn: AsyncPgConnection,
+    generation: u64,
+    born: Instant,
+    label: Arc<str>,
+}
+
+/// A connect failure, kept so checkouts waiting on the pool fail at once with the cause instead
+/// of waiting for bb8's timeout (bb8 only hands connect errors to its error sink).
+#[derive(Clone)]
+struct Failure {
+    kind: ErrorKind,
+    sqlstate: Option<String>,
+    message: String,
+}
+
+impl Failure {
+    fn of(e: &BackendError) -> Self {
+        Failure {
+            kind: e.kind,
+            sqlstate: e.sqlstate.clone(),
+            message: e.message.clone(),
+        }
+    }
+
+    fn to_error(&self) -> BackendError {
+        let mut e = BackendError::new(self.kind, &self.message);
+        e.sqlstate = self.sqlstate.clone();
+        e
+    }
+}
+
+/// What the pool and its manager share.
+struct Shared {
+    node: Arc<str>,
+    access: Access,
+    /// `pg-1 reader`: the prefix of every error message.
+    label: Arc<str>,
+    epoch: Epoch,
+    pre_ping: bool,
+    max_lifetime: Option<Duration>,
+    connect_timeout: Duration,
+    failures: watch::Sender<Option<Failure>>,
+}
+
+impl Shared {
+    fn err(&self, kind: ErrorKind, what: impl fmt::Display) -> BackendError {
+        BackendError::new(kind, format!("{}: {what}", self.label))
+    }
+}
+
+/// bb8 manager: diesel-async's manager for connecting, plus the generation stamp, the
+/// writer check and the checkout checks.
+struct Manager {
+    inner: AsyncDieselConnectionManager<AsyncPgConnection>,
+    shared: Arc<Shared>,
+}
+
+impl ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = BackendError;
+
+    async fn connect(&self) -> Result<Conn, BackendError> {
+        let s = &self.shared;
+        // Stamp with the generation from before connecting: if roles change while we connect,
+        // the session is refused at checkout and made again under the new generation.
+        let generation = s.epoch.generation();
+        let made = match tokio::time::timeout(s.connect_timeout, self.inner.connect()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(PoolError::ConnectionError(e))) => {
+                Err(error::from_connection_error(&s.label, e))
+            }
+            Ok(Err(PoolError::QueryError(e))) => Err(error::query_error(&s.label, e)),
+            Err(_) => Err(s.err(
+                ErrorKind::Connection,
+                format_args!("could not connect within {:?}", s.connect_timeout),
+            )),
+        };
+        match made {
+            Ok(conn) => Ok(Conn {
+                conn,
+                generation,
+                born: Instant::now(),
+                label: s.label.clone(),
+            }),
+            Err(e) => {
+                tracing::debug!(node = %s.node, access = ?s.access, error = %e, "connect failed");
+                s.failures.send_replace(Some(Failure::of(&e)));
+                Err(e)
+            }
+        }
+    }
+
+    async fn is_valid(&self, c: &mut Conn) -> Result<(), BackendError> {
+        let s = &self.shared;
+        if !s.epoch.admits(c.generation) {
+            return Err(s.err(
+                ErrorKind::Connection,
+                format_args!(
+                    "session from topology generation {} refused (now {})",
+                    c.generation,
+                    s.epoch.generation()
+                ),
+            ));
+        }
+        if let Some(max) = s.max_lifetime
+            && c.born.elapsed() >= max
+        {
+            return Err(s.err(ErrorKind::Connection, "session past max_lifetime"));
+        }
+        if self.inner.has_broken(&mut c.conn) {
+            // Costs no round trip: the socket is known closed (the node died), or a diesel
+            // transaction was left open. Never hand those out, pre-ping or not.
+            return Err(s.err(ErrorKind::Connection, "session closed"));
+        }
+        if !s.pre_ping {
+            return Ok(());
+        }
+        match s.access {
+            Access::ReadWrite => writer_check(&s.label, &mut c.conn).await,
+            Access::ReadOnly | Access::Probe => {
+                text_query(&s.label, &mut c.conn, sql::PING).await.map(drop)
+            }
+        }
+    }
+
+    fn has_broken(&self, c: &mut Conn) -> bool {
+        // diesel-async: the socket closed, or a diesel-managed transaction was left open/failed.
+        self.inner.has_broken(&mut c.conn)
+    }
+}
+
+#[derive(QueryableByName)]
+struct TextRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    v: Option<String>,
+}
+
+/// Runs `sql` (one text column named `v`) and returns the first row's value.
+async fn text_query(
+    label: &str,
+    conn: &mut AsyncPgConnection,
+    sql: &str,
+) -> Result<Option<String>, BackendError> {
+    diesel::sql_query(sql)
+        .get_result::<TextRow>(conn)
+        .await
+        .optional()
+        .map(|row| row.and_then(|r| r.v))
+        .map_err(|e| error::query_error(label, e))
+}
+
+/// Refuses a session on a node in recovery.
+async fn writer_check(label: &str, conn: &mut AsyncPgConnection) -> Result<(), BackendError> {
+    match text_query(label, conn, sql::WRITER_CHECK).await?.as_deref() {
+        Some("false") => Ok(()),
+        Some("true") => Err(BackendError::new(
+            ErrorKind::NotWriter,
+            format!("{label}: node is in recovery (not the primary)"),
+        )),
+        other => Err(BackendError::new(
+            ErrorKind::Query,
+            format!("{label}: unexpected writer check answer {other:?}"),
+        )),
+    }
+}
+
+/// diesel-async's `custom_setup`: connect (keeping the server's SQLSTATE for classification),
+/// then prepare the session for its access mode.
+async fn establish(setup: Arc<Setup>, url: String) -> Result<AsyncPgConnection, BackendError> {
+    let label = &setup.label;
+    let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
+        BackendError::new(
+            ErrorKind::Config,
+            format!("{label}: {}", error::with_causes(&e)),
+        )
+    })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(setup.connect_timeout);
+    }
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| error::pg_error(label, e))?;
+    let mut conn = AsyncPgConnection::try_from_client_and_connection(client, connection)
+        .await
+        .map_err(|e| error::from_connection_error(label, e))?;
+    let mut session = Vec::new();
+    if matches!(setup.access, Access::ReadOnly | Access::Probe) {
+        let (name, value) = sql::READ_ONLY_SETTING;
+        session.push(format!("SET {name} = {value}"));
+    }
+    if let Some(t) = setup.statement_timeout {
+        session.push(format!("SET statement_timeout = {}", t.as_millis().max(1)));
+    }
+    if !session.is_empty() {
+        conn.batch_execute(&session.join("; "))
+            .await
+            .map_err(|e| error::query_error(label, e))?;
+    }
+    if setup.access == Access::ReadWrite {
+        writer_check(label, &mut conn).await?;
+    }
+    Ok(conn)
+}
+
+/// What `custom_setup` needs.
+struct Setup {
+    label: String,
+    access: Access,
+    connect_timeout: Duration,
+    statement_timeout: Option<Duration>,
+}
+
+fn access_label(access: Access) -> &'static str {
+    match access {
+        Access::ReadWrite => "writer",
+        Access::ReadOnly => "reader",
+        Access::Probe => "probe",
+    }
+}
+
+impl Backend for DieselBackend {
+    type Pool = DieselPool;
+    type Pooled = PooledConn;
+    type Connection = AsyncPgConnection;
+    type QueryError = diesel::result::Error;
+
+    fn build_pool(&self, spec: PoolSpec) -> Result<DieselPool, BackendError> {
+        let PoolSpec {
+            node,
+            access,
+            settings,
+            epoch,
+        } = spec;
+        let label = format!("{} {}", node.name, access_label(access));
+        // Parse now so a bad URL fails the router's build, naming the node, instead of every
+        // checkout later. Multi-host URLs with target_session_attrs are tokio-postgres's.
+        node.url
+            .expose()
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| {
+                BackendError::new(
+                    ErrorKind::Config,
+                    format!("{label}: {} ({})", error::with_causes(&e), node.url),
+                )
+            })?;
+        let setup = Arc::new(Setup {
+            label: label.clone(),
+            access,
+            connect_timeout: settings.connect_timeout,
+            statement_timeout: settings.statement_timeout,
+        });
+        let mut config = ManagerConfig::<AsyncPgConnection>::default();
+        config.custom_setup = Box::new(move |url: &str| {
+            let setup = setup.clone();
+            let url = url.to_owned();
+            Box::pin(async move {
+                establish(setup, url)
+                    .await
+                    .map_err(error::into_connection_error)
+            })
+        });
+        let shared = Arc::new(Shared {
+            node: Arc::from(node.name.as_str()),
+            access,
+            label: Arc::from(label),
+            epoch,
+            pre_ping: settings.pre_ping,
+            max_lifetime: settings.max_lifetime,
+            connect_timeout: settings.connect_timeout,
+            failures: watch::channel(None).0,
+        });
+        let manager = Manager {
+            inner: AsyncDieselConnectionManager::new_with_config(node.url.expose(), config),
+            shared: shared.clone(),
+        };
+        let pool = bb8::Pool::builder()
+            .max_size(settings.max_size.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(settings.connect_timeout)
+            .max_lifetime(settings.max_lifetime)
+            .idle_timeout(settings.idle_timeout)
+            // Always: the generation check runs at every checkout; the ping only with pre_ping.
+            .test_on_check_out(true)
+            // The router decides what to do about a node that refuses connections.
+            .retry_connection(false)
+            .build_unchecked(manager);
+        Ok(DieselPool { pool, shared })
+    }
+
+    async fn checkout(pool: &DieselPool) -> Result<PooledConn, BackendError> {
+        let s = &pool.shared;
+        let mut failures = s.failures.subscribe();
+        failures.mark_unchanged();
+        tokio::select! {
+            biased;
+            got = pool.pool.get_owned() => match got {
+                Ok(inner) => Ok(PooledConn { inner }),
+                Err(bb8::RunError::User(e)) => Err(e),
+                Err(bb8::RunError::TimedOut) => Err(s.err(
+                    ErrorKind::Timeout,
+                    format_args!("no session within {:?}", s.connect_timeout),
+                )),
+            },
+            // A connect attempt failed while we waited: that is the answer (bb8 itself would
+            // only time out).
+            Ok(()) = failures.changed() => {
+                let failure = failures.borrow_and_update().clone();
+                Err(failure.map_or_else(
+                    || s.err(ErrorKind::Connection, "connect failed"),
+                    |f| f.to_error(),
+                ))
+            }
+        }
+    }
+
+    async fn query_text<'a>(
+        pooled: &'a mut PooledConn,
+        sql: &'a str,
+    ) -> Result<Option<String>, BackendError> {
+        let c = &mut *pooled.inner;
+        text_query(&c.label, &mut c.conn, sql).await
+    }
+
+    async fn execute<'a>(pooled: &'a mut PooledConn, sql: &'a str) -> Result<u64, BackendError> {
+        let c = &mut *pooled.inner;
+        diesel::sql_query(sql)
+            .execute(&mut c.conn)
+            .await
+            .map(|n| n as u64)
+            .map_err(|e| error::query_error(&c.label, e))
+    }
+
+    fn classify(err: &diesel::result::Error) -> ErrorKind {
+        error::classify(err)
+    }
+}
