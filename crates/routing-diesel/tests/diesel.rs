@@ -1,0 +1,105 @@
+//! What only the diesel backend does: multi-host writer URLs and typed `pg_lsn` helpers.
+
+use std::time::Duration;
+
+use routing_diesel::diesel_async::RunQueryDsl;
+use routing_diesel::{
+    Consistency, NodeConfig, RequestContext, Router, RouterConfig, current_wal_lsn, diesel,
+    replay_lsn,
+};
+use routing_testkit::Cluster;
+
+fn cluster() -> &'static Cluster {
+    tokio::task::block_in_place(routing_testkit::shared)
+}
+
+fn config() -> RouterConfig {
+    RouterConfig {
+        default_consistency: Consistency::Eventual,
+        probe_interval: Duration::from_millis(100),
+        ..RouterConfig::default()
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct Port {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    port: i32,
+}
+
+async fn port_of(conn: &mut routing_diesel::AsyncPgConnection) -> u16 {
+    let row: Port = diesel::sql_query("SELECT pg_catalog.inet_server_port() AS port")
+        .get_result(conn)
+        .await
+        .expect("port");
+    u16::try_from(row.port).expect("port")
+}
+
+/// A writer endpoint listing a replica first and the primary second, with
+/// `target_session_attrs=read-write`: tokio-postgres skips the replica at connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_host_writer_urls_reach_the_writable_host() {
+    let c = cluster();
+    let (p0, p1) = (c.node(0).port(), c.node(1).port());
+    let endpoint = format!(
+        "postgres://postgres@127.0.0.1:{p1},127.0.0.1:{p0}/postgres?target_session_attrs=read-write"
+    );
+    let r: Router = routing_diesel::builder()
+        .node(NodeConfig::writer("writer-endpoint", endpoint))
+        .node(NodeConfig::replica("r1", c.url(1)))
+        .node(NodeConfig::replica("r2", c.url(2)))
+        .config(config())
+        .build()
+        .await
+        .expect("router");
+    assert_eq!(
+        r.snapshot().writer,
+        Some(0),
+        "the endpoint probes as the primary"
+    );
+    for _ in 0..5 {
+        let mut w = r.write().await.expect("write");
+        assert_eq!(w.node_name(), "writer-endpoint");
+        assert_eq!(port_of(&mut w).await, p0, "the writable host of the list");
+    }
+    let mut p = r
+        .read_with(&RequestContext::new().force_primary(true))
+        .await
+        .expect("primary read");
+    assert_eq!(port_of(&mut p).await, p0);
+}
+
+/// `current_wal_lsn` / `replay_lsn` read diesel's binary `PgLsn` and agree with the router's text
+/// path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_lsn_helpers_agree_with_the_commit_lsn() {
+    let c = cluster();
+    let r: Router = routing_diesel::builder()
+        .nodes([
+            NodeConfig::writer("p", c.url(0)),
+            NodeConfig::replica("r1", c.url(1)),
+        ])
+        .config(config())
+        .build()
+        .await
+        .expect("router");
+    let mut w = r.write().await.expect("write");
+    let before = current_wal_lsn(&mut w).await.expect("typed lsn");
+    let receipt = w.finish().await.expect("finish");
+    assert!(receipt.lsn >= before, "{} >= {before}", receipt.lsn);
+    let mut w = r.write().await.expect("write");
+    let after = current_wal_lsn(&mut w).await.expect("typed lsn");
+    assert!(after >= receipt.lsn);
+    assert_eq!(
+        replay_lsn(&mut w).await.expect("replay lsn"),
+        None,
+        "a primary replays nothing"
+    );
+    drop(w);
+    let mut read = r
+        .read_with(&RequestContext::new().consistency(Consistency::Eventual))
+        .await
+        .expect("read");
+    assert!(!read.on_primary());
+    assert!(replay_lsn(&mut read).await.expect("replay lsn").is_some());
+}
