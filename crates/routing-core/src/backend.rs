@@ -145,4 +145,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Classifies a driver error from application queries.
     fn classify(err: &Self::QueryError) -> ErrorKind;
+
+    /// The SQLSTATE of a driver error from application queries, when the driver kept it; the
+    /// guards' `check` puts it in [`BackendError::sqlstate`] (so callers can tell, say, a unique
+    /// violation `23505` from other query errors without knowing the driver).
+    fn sqlstate(err: &Self::QueryError) -> Option<String> {
+        let _ = err;
+        None
+    }
 }

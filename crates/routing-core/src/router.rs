@@ -811,7 +811,11 @@ impl<B: Backend> ReadConn<B> {
 }
 
 fn classified<B: Backend>(e: B::QueryError) -> BackendError {
-    BackendError::new(B::classify(&e), e.to_string()).with_source(e)
+    let mut out = BackendError::new(B::classify(&e), e.to_string());
+    if let Some(code) = B::sqlstate(&e) {
+        out = out.with_sqlstate(code);
+    }
+    out.with_source(e)
 }
 
 impl<B: Backend> Drop for ReadConn<B> {
