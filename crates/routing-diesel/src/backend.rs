@@ -449,4 +449,8 @@ impl Backend for DieselBackend {
     fn classify(err: &diesel::result::Error) -> ErrorKind {
         error::classify(err)
     }
+
+    fn sqlstate(err: &diesel::result::Error) -> Option<String> {
+        error::sqlstate(err).map(str::to_string)
+    }
 }

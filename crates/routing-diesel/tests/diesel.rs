@@ -103,3 +103,59 @@ async fn typed_lsn_helpers_agree_with_the_commit_lsn() {
     assert!(!read.on_primary());
     assert!(replay_lsn(&mut read).await.expect("replay lsn").is_some());
 }
+
+/// The path applications take: diesel's own query API on the guard, mapped with `check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diesel_query_errors_map_to_typed_router_errors() {
+    let c = cluster();
+    let r: Router = routing_diesel::builder()
+        .nodes([
+            NodeConfig::writer("p", c.url(0)),
+            NodeConfig::replica("r1", c.url(1)),
+            NodeConfig::replica("r2", c.url(2)),
+        ])
+        .config(config())
+        .build()
+        .await
+        .expect("router");
+    let table = format!("diesel_check_{}", std::process::id());
+    let mut w = r.write().await.expect("write");
+    let made = diesel::sql_query(format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+        .execute(&mut *w)
+        .await;
+    w.check(made).expect("create");
+    let first = diesel::sql_query(format!("INSERT INTO {table} VALUES (1)"))
+        .execute(&mut *w)
+        .await;
+    assert_eq!(w.check(first).expect("insert"), 1);
+    let again = diesel::sql_query(format!("INSERT INTO {table} VALUES (1)"))
+        .execute(&mut *w)
+        .await;
+    match w.check(again) {
+        Err(routing_diesel::Error::Backend { node, source }) => {
+            assert_eq!(node, "p");
+            assert_eq!(source.kind, routing_diesel::ErrorKind::Query);
+            assert_eq!(source.sqlstate.as_deref(), Some("23505"));
+        }
+        other => panic!("expected a typed unique violation, got {other:?}"),
+    }
+    drop(w);
+    for ctx in [
+        RequestContext::new().consistency(Consistency::Eventual),
+        RequestContext::new().force_primary(true),
+    ] {
+        let mut conn = r.read_with(&ctx).await.expect("read");
+        let done = diesel::sql_query(format!("INSERT INTO {table} VALUES (2)"))
+            .execute(&mut *conn)
+            .await;
+        match conn.check(done) {
+            Err(routing_diesel::Error::MisroutedWrite { node }) => {
+                assert_eq!(node, conn.node_name())
+            }
+            other => panic!("expected MisroutedWrite, got {other:?}"),
+        }
+    }
+    let rows = tokio::task::block_in_place(|| c.psql(0, &format!("SELECT count(*) FROM {table}")))
+        .expect("psql");
+    assert_eq!(rows, "1");
+}

@@ -76,7 +76,13 @@ macro_rules! conformance_tests {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
+                let started = ::std::time::Instant::now();
                 $crate::$name::<$h>().await;
+                eprintln!(
+                    "[conformance] {} passed in {:?}",
+                    stringify!($name),
+                    started.elapsed()
+                );
             }
         )*
     };
