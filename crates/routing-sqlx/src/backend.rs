@@ -179,6 +179,7 @@ impl Backend for SqlxBackend {
         let opts = options::for_access(opts, access, &settings);
         let refusals = Arc::new(watch::Sender::new(0u64));
         let pre_ping = settings.pre_ping;
+        let (max_lifetime, idle_timeout) = (settings.max_lifetime, settings.idle_timeout);
 
         let mut pool = PgPoolOptions::new()
             .max_connections(settings.max_size)
@@ -194,6 +195,13 @@ impl Backend for SqlxBackend {
                     // sqlx cannot stamp a connection, but knows its age: one older than the last
                     // topology change is closed, never handed out.
                     if !epoch.admits_age(meta.age) {
+                        return Ok(false);
+                    }
+                    // sqlx enforces these only on release and in a reaper task that runs once
+                    // per period, so an idle connection can outlive them by up to a period.
+                    let expired =
+                        |limit: Option<Duration>, d: Duration| limit.is_some_and(|l| d >= l);
+                    if expired(max_lifetime, meta.age) || expired(idle_timeout, meta.idle_for) {
                         return Ok(false);
                     }
                     if !pre_ping {
