@@ -277,4 +277,8 @@ impl Backend for SqlxBackend {
     fn classify(err: &sqlx::Error) -> ErrorKind {
         crate::errors::classify(err)
     }
+
+    fn sqlstate(err: &sqlx::Error) -> Option<String> {
+        crate::errors::sqlstate(err)
+    }
 }

@@ -35,13 +35,17 @@ pub(crate) fn backend_error_at(context: &str, err: sqlx::Error) -> BackendError 
     with_message(message, err)
 }
 
-fn with_message(message: String, err: sqlx::Error) -> BackendError {
-    let sqlstate = match &err {
+/// The server's SQLSTATE, for errors the server sent.
+pub fn sqlstate(err: &sqlx::Error) -> Option<String> {
+    match err {
         sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
         _ => None,
-    };
+    }
+}
+
+fn with_message(message: String, err: sqlx::Error) -> BackendError {
     let mut out = BackendError::new(classify(&err), message);
-    if let Some(code) = sqlstate {
+    if let Some(code) = sqlstate(&err) {
         out = out.with_sqlstate(code);
     }
     out.with_source(err)

@@ -82,7 +82,7 @@ mod errors;
 mod options;
 
 pub use backend::{NodePool, SqlxBackend};
-pub use errors::{backend_error, classify};
+pub use errors::{backend_error, classify, sqlstate};
 
 pub use routing_core;
 pub use routing_core::*;

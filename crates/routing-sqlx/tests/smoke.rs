@@ -386,3 +386,29 @@ async fn a_dead_replica_is_left_at_once_and_readmitted() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Application queries through sqlx's own API on the guards: the SQLSTATE reaches the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_keep_their_sqlstate_through_check() {
+    let c = routing_testkit::shared();
+    let r = router(c).await;
+    let mut w = r.write().await.unwrap();
+    let created = sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS sqlx_unique (id int PRIMARY KEY);
+         INSERT INTO sqlx_unique VALUES (1) ON CONFLICT DO NOTHING",
+    )
+    .execute(&mut *w)
+    .await;
+    w.check(created).unwrap();
+    let dup = sqlx::query("INSERT INTO sqlx_unique VALUES ($1)")
+        .bind(1_i32)
+        .execute(&mut *w)
+        .await;
+    match w.check(dup) {
+        Err(Error::Backend { source, .. }) => {
+            assert_eq!(source.kind, ErrorKind::Query);
+            assert_eq!(source.sqlstate.as_deref(), Some("23505"), "{source}");
+        }
+        other => panic!("expected a unique violation, got {other:?}"),
+    }
+}
