@@ -32,6 +32,10 @@ pub mod sql {
     pub const PING: &str = "SELECT '1'::pg_catalog.text AS v";
     /// The session's WAL position after a commit: the LSN a reader must reach to see that commit.
     pub const COMMIT_LSN: &str = "SELECT pg_catalog.pg_current_wal_lsn()::pg_catalog.text AS v";
+    /// COMMIT and the WAL position after it, in one simple-protocol round trip. The SELECT runs
+    /// after the COMMIT (a LSN read inside the transaction would precede the commit record).
+    pub const COMMIT_THEN_LSN: &str =
+        "COMMIT; SELECT pg_catalog.pg_current_wal_lsn()::pg_catalog.text AS v";
     /// A replica's replay position (NULL on a primary).
     pub const REPLAY_LSN: &str = "SELECT pg_catalog.pg_last_wal_replay_lsn()::pg_catalog.text AS v";
     /// The monitor's probe; parsed by `crate::probe::ProbeReport::parse`.
@@ -152,5 +156,17 @@ pub trait Backend: Send + Sync + 'static {
     fn sqlstate(err: &Self::QueryError) -> Option<String> {
         let _ = err;
         None
+    }
+
+    /// Commits the session's open transaction and returns the WAL position after the commit
+    /// (the text of [`sql::COMMIT_LSN`]). The default takes two round trips; drivers that can send
+    /// [`sql::COMMIT_THEN_LSN`] as one simple-protocol query should override it to take one.
+    fn commit_returning_lsn(
+        pooled: &mut Self::Pooled,
+    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send + '_ {
+        async move {
+            Self::execute(pooled, "COMMIT").await?;
+            Self::query_text(pooled, sql::COMMIT_LSN).await
+        }
     }
 }

@@ -906,6 +906,39 @@ impl<B: Backend> WriteConn<B> {
                     source,
                 }
             })?;
+        self.record_commit(node, text).await
+    }
+
+    /// Commits the explicit transaction opened on this session (`BEGIN`) and finishes like
+    /// [`WriteConn::finish`], reading the commit LSN in the same round trip where the driver
+    /// allows it. A connection lost here is [`Error::WriteOutcomeUnknown`]; a COMMIT the server
+    /// refused (for example a serialization failure) is [`Error::Backend`] and nothing was written.
+    pub async fn commit(mut self) -> Result<WriteReceipt, Error> {
+        let node = self.node_name().to_string();
+        let text = B::commit_returning_lsn(&mut self.pooled)
+            .await
+            .map_err(|source| {
+                if matches!(source.kind, ErrorKind::Connection | ErrorKind::Timeout) {
+                    self.inner.nudge();
+                    Error::WriteOutcomeUnknown {
+                        node: node.clone(),
+                        source,
+                    }
+                } else {
+                    Error::Backend {
+                        node: node.clone(),
+                        source,
+                    }
+                }
+            })?;
+        self.record_commit(node, text).await
+    }
+
+    async fn record_commit(
+        self,
+        node: String,
+        text: Option<String>,
+    ) -> Result<WriteReceipt, Error> {
         let lsn = text
             .as_deref()
             .and_then(|t| t.parse::<Lsn>().ok())

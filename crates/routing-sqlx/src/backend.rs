@@ -281,4 +281,11 @@ impl Backend for SqlxBackend {
     fn sqlstate(err: &sqlx::Error) -> Option<String> {
         crate::errors::sqlstate(err)
     }
+
+    /// One round trip: `raw_sql` sends both statements as one simple-protocol query.
+    async fn commit_returning_lsn(
+        pooled: &mut PoolConnection<Postgres>,
+    ) -> Result<Option<String>, BackendError> {
+        Self::query_text(pooled, routing_core::sql::COMMIT_THEN_LSN).await
+    }
 }

@@ -42,6 +42,9 @@ use routing_core::{
 };
 use routing_testkit::{Cluster, ClusterBuilder};
 
+mod commit;
+pub use commit::explicit_commit_returns_the_lsn_after_commit;
+
 /// What a backend crate provides to run the suite.
 pub trait Harness: Send + Sync + 'static {
     /// The backend under test.
@@ -70,6 +73,7 @@ macro_rules! conformance_tests {
             bad_url_is_a_typed_config_error,
             wrong_password_is_a_typed_auth_error,
             unreachable_host_is_a_typed_connection_error,
+            explicit_commit_returns_the_lsn_after_commit,
         );
     };
     (@each $h:ty; $($name:ident),* $(,)?) => {
