@@ -50,14 +50,26 @@
 //!
 //! ## When Redis is slow or down
 //!
-//! - Every operation is bounded by [`RedisMarksBuilder::timeout`] (default 20 ms, waiting for a
-//!   connection included; it is also the client's response timeout, instead of the redis crate's
-//!   500 ms). Past it, or on a connection error, `get` / `set_max` return a [`MarksError`]; they
-//!   never hang. The router then counts `marks_errors` (lookups) or `mark_update_failures`
-//!   (updates) and follows `RouterConfig::on_marks_failure`: by default
-//!   (`MarksFailure::Primary`) reads whose mark cannot be read go to the primary in a read-only
-//!   session, and writes succeed regardless. Keep this timeout below the router's
-//!   `marks_timeout` (50 ms by default).
+//! - Every operation is bounded, waiting for a (re)connection included: lookups by
+//!   [`RedisMarksBuilder::timeout`] (default 20 ms), updates by
+//!   [`RedisMarksBuilder::update_timeout`] (default 50 ms, the router's default `marks_timeout`:
+//!   a lost update can cost a stale read, a failed lookup only a primary read). The client's
+//!   response timeout is set to match, instead of the redis crate's 500 ms. Past it, or on a
+//!   connection error, `get` / `set_max` return a [`MarksError`]; they never hang. The router
+//!   then counts `marks_errors` (lookups) or `mark_update_failures` (updates) and follows
+//!   `RouterConfig::on_marks_failure`: by default (`MarksFailure::Primary`) reads whose mark
+//!   cannot be read go to the primary in a read-only session, and writes succeed regardless.
+//!   Keep the lookup timeout below the router's `marks_timeout`.
+//! - **Failed updates are retried.** An update that fails or times out (or whose future the
+//!   router drops at its own deadline) is kept in memory, max-merged per user, and retried in
+//!   the background every 25 ms until it lands or its TTL passes ([`RedisMarksStats`]:
+//!   `updates_retried`, `updates_dropped`; at most 100 000 users wait). Meanwhile, lookups *in
+//!   this process* include it. The residual risk: **another** process that looks the user up
+//!   before the retry lands sees the older mark (or none), so a mark-only user whose update
+//!   failed while Redis stayed readable for others (a blip on one process's connection, a
+//!   stalled process) may read from a replica that has not replayed that write. When Redis
+//!   itself is down, every process's lookups fail too and go to the primary, so a Redis outage
+//!   alone does not open this gap. Causal tokens close it entirely.
 //! - Connecting is lazy: [`RedisMarksBuilder::build`] never fails because Redis is unreachable
 //!   (only on bad configuration), so a service starts while Redis is down and routes
 //!   conservatively until it is back. Use [`RedisMarks::ping`] for a readiness check.
@@ -122,12 +134,14 @@
 mod conn;
 mod keys;
 mod marks;
+mod pending;
 mod scripts;
 mod stats;
 
 pub use marks::{
     BuildError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFIX, DEFAULT_RESTART_WINDOW,
-    DEFAULT_STUCK_AFTER, DEFAULT_TIMEOUT, RedisMarks, RedisMarksBuilder, RestartPolicy,
+    DEFAULT_STUCK_AFTER, DEFAULT_TIMEOUT, DEFAULT_UPDATE_TIMEOUT, RedisMarks, RedisMarksBuilder,
+    RestartPolicy,
 };
 pub use stats::RedisMarksStats;
 

@@ -12,7 +12,8 @@ use redis::{IntoConnectionInfo, RedisResult};
 use routing_core::{Lsn, Mark, MarksError, UserKey, WriterMarks};
 
 use crate::conn::{Conn, Target};
-use crate::keys::KeyLayout;
+use crate::keys::{KeyLayout, Keys};
+use crate::pending::{Added, Pending};
 use crate::scripts::{GET_SCRIPT, SET_MAX_SCRIPT, decode, encode};
 use crate::stats::{Counters, RedisMarksStats, bump};
 
@@ -21,6 +22,10 @@ pub const DEFAULT_PREFIX: &str = "routing:mark:";
 /// Default budget of one operation, waiting for a connection included. Keep it below the
 /// router's `marks_timeout` (50 ms by default) so the error says what happened.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(20);
+/// Default budget of one `set_max` (the write path, after the commit): longer than lookups,
+/// because a lost update can cost a stale read, a failed lookup only a read on the primary.
+/// Matches the router's default `marks_timeout`.
+pub const DEFAULT_UPDATE_TIMEOUT: Duration = Duration::from_millis(50);
 /// Default budget of one connection attempt (these run in the background, not on requests).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 /// Default restart window: `routing_core::RouterConfig::default().mark_ttl`.
@@ -91,6 +96,7 @@ pub struct RedisMarksBuilder {
     spec: Result<Spec, redis::RedisError>,
     prefix: String,
     timeout: Duration,
+    update_timeout: Duration,
     connect_timeout: Duration,
     restart: RestartPolicy,
     stuck_after: Duration,
@@ -102,6 +108,7 @@ impl fmt::Debug for RedisMarksBuilder {
         f.debug_struct("RedisMarksBuilder")
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("update_timeout", &self.update_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("restart", &self.restart)
             .field("stuck_after", &self.stuck_after)
@@ -115,6 +122,7 @@ impl RedisMarksBuilder {
             spec,
             prefix: DEFAULT_PREFIX.to_owned(),
             timeout: DEFAULT_TIMEOUT,
+            update_timeout: DEFAULT_UPDATE_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             restart: RestartPolicy::default(),
             stuck_after: DEFAULT_STUCK_AFTER,
@@ -130,11 +138,20 @@ impl RedisMarksBuilder {
         self
     }
 
-    /// Longest time one `get` / `set_max` may take, waiting for a (re)connection included
-    /// (default [`DEFAULT_TIMEOUT`]); also the connection's response timeout. Past it the
-    /// operation returns a [`MarksError`]. 1 ms ..= 60 s.
+    /// Longest time one lookup (`get`, and `ping`) may take, waiting for a (re)connection
+    /// included (default [`DEFAULT_TIMEOUT`]). Past it the lookup returns a [`MarksError`] and the
+    /// router follows its `on_marks_failure` policy. Keep it below the router's `marks_timeout`
+    /// so the error says what happened. 1 ms ..= 60 s.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Longest time one `set_max` may take (default [`DEFAULT_UPDATE_TIMEOUT`], never less than
+    /// [`Self::timeout`]). The router also bounds it by its `marks_timeout`: raise both together.
+    /// An update that misses it is retried in the background. 1 ms ..= 60 s.
+    pub fn update_timeout(mut self, timeout: Duration) -> Self {
+        self.update_timeout = timeout;
         self
     }
 
@@ -180,6 +197,8 @@ impl RedisMarksBuilder {
         };
         let ms = Duration::from_millis;
         ranged("timeout", self.timeout, ms(1), ms(60_000))?;
+        ranged("update_timeout", self.update_timeout, ms(1), ms(60_000))?;
+        let update_timeout = self.update_timeout.max(self.timeout);
         ranged("connect_timeout", self.connect_timeout, ms(1), ms(60_000))?;
         ranged("stuck_after", self.stuck_after, ms(10), ms(3_600_000))?;
         if let RestartPolicy::Distrust { window } = self.restart {
@@ -195,7 +214,7 @@ impl RedisMarksBuilder {
             Spec::Single(info) => {
                 let client = redis::Client::open(info).map_err(BuildError::Connection)?;
                 (
-                    Target::single(client, self.timeout, self.connect_timeout),
+                    Target::single(client, update_timeout, self.connect_timeout),
                     false,
                 )
             }
@@ -204,7 +223,7 @@ impl RedisMarksBuilder {
                 if nodes.is_empty() {
                     return Err(BuildError::Config("no cluster nodes given".into()));
                 }
-                let target = Target::cluster(nodes, self.timeout, self.connect_timeout)
+                let target = Target::cluster(nodes, update_timeout, self.connect_timeout)
                     .map_err(BuildError::Connection)?;
                 (target, true)
             }
@@ -217,11 +236,13 @@ impl RedisMarksBuilder {
             conn: ArcSwap::from_pointee(conn),
             keys,
             timeout: self.timeout,
+            update_timeout,
             restart: self.restart,
             stuck_after: self.stuck_after,
             max_ttl_ms: AtomicU64::new(0),
             counters: Counters::default(),
             health: Health::default(),
+            pending: Pending::default(),
             clock: Instant::now(),
         });
         inner.prime();
@@ -245,12 +266,15 @@ struct Inner {
     conn: ArcSwap<Conn>,
     keys: KeyLayout,
     timeout: Duration,
+    update_timeout: Duration,
     restart: RestartPolicy,
     stuck_after: Duration,
     /// Longest TTL passed to `set_max` by this process, in ms (widens the restart window).
     max_ttl_ms: AtomicU64,
     counters: Counters,
     health: Health,
+    /// Mark updates waiting for a background retry.
+    pending: Pending,
     describe: String,
     clock: Instant,
 }
@@ -277,6 +301,7 @@ impl fmt::Debug for RedisMarks {
             .field("target", &i.describe)
             .field("prefix", &i.keys.prefix())
             .field("timeout", &i.timeout)
+            .field("update_timeout", &i.update_timeout)
             .field("restart", &i.restart)
             .finish_non_exhaustive()
     }
@@ -311,7 +336,10 @@ impl RedisMarks {
         let started = Instant::now();
         let mut conn = self.inner.conn();
         let cmd = redis::cmd("PING");
-        let _: String = self.inner.run("ping", conn.query(&cmd)).await?;
+        let _: String = self
+            .inner
+            .run("ping", self.inner.timeout, conn.query(&cmd))
+            .await?;
         Ok(started.elapsed())
     }
 
@@ -331,9 +359,14 @@ impl RedisMarks {
         self.inner.keys.keys(user).epoch
     }
 
-    /// The per-operation timeout.
+    /// The lookup (and ping) timeout.
     pub fn timeout(&self) -> Duration {
         self.inner.timeout
+    }
+
+    /// The update timeout in force (at least [`Self::timeout`]).
+    pub fn update_timeout(&self) -> Duration {
+        self.inner.update_timeout
     }
 
     /// The restart policy as configured.
@@ -378,9 +411,10 @@ impl Inner {
     async fn run<T>(
         &self,
         op: &'static str,
+        budget: Duration,
         work: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, MarksError> {
-        match tokio::time::timeout(self.timeout, work).await {
+        match tokio::time::timeout(budget, work).await {
             Ok(Ok(v)) => {
                 self.succeeded();
                 Ok(v)
@@ -390,10 +424,7 @@ impl Inner {
                 let timed_out = e.is_timeout();
                 let message = if timed_out {
                     bump(&self.counters.timeouts);
-                    format!(
-                        "{}: {op} got no answer within {:?}",
-                        self.describe, self.timeout
-                    )
+                    format!("{}: {op} got no answer within {budget:?}", self.describe)
                 } else {
                     bump(&self.counters.errors);
                     self.health.timeouts_in_row.store(0, Ordering::Relaxed);
@@ -410,10 +441,7 @@ impl Inner {
             }
             Err(_) => {
                 bump(&self.counters.timeouts);
-                let message = format!(
-                    "{}: {op} got no answer within {:?}",
-                    self.describe, self.timeout
-                );
+                let message = format!("{}: {op} got no answer within {budget:?}", self.describe);
                 self.failed(op, &message);
                 self.maybe_reconnect();
                 Err(MarksError::new(message))
@@ -515,12 +543,21 @@ impl Inner {
         let mut invocation = GET_SCRIPT.prepare_invoke();
         invocation.key(&keys.mark).key(&keys.epoch);
         let mut conn = self.conn();
-        let (value, pttl, age_ms, fresh): (Vec<u8>, i64, i64, i64) =
-            self.run("get", conn.invoke(&invocation)).await?;
+        let (value, pttl, age_ms, fresh): (Vec<u8>, i64, i64, i64) = self
+            .run("get", self.timeout, conn.invoke(&invocation))
+            .await?;
         if fresh == 1 {
             self.epoch_started();
         }
+        let pending = self.pending.get(&keys.mark, Instant::now());
         if value.is_empty() {
+            if let Some(p) = pending {
+                // This process's own update, not landed yet: a lower bound all the same.
+                return Ok(Some(Mark {
+                    lsn: Lsn(p.lsn),
+                    expires_in: p.expires.saturating_duration_since(Instant::now()),
+                }));
+            }
             if let Some(window) = self.window() {
                 let age = Duration::from_millis(age_ms.max(0) as u64);
                 if age < window {
@@ -544,32 +581,157 @@ impl Inner {
                 value.len()
             )));
         };
-        let expires_in = u64::try_from(pttl).map_or(Duration::MAX, Duration::from_millis);
-        Ok(Some(Mark {
+        let mut mark = Mark {
             lsn: Lsn(lsn),
-            expires_in,
-        }))
+            expires_in: u64::try_from(pttl).map_or(Duration::MAX, Duration::from_millis),
+        };
+        if let Some(p) = pending
+            && p.lsn > lsn
+        {
+            mark = Mark {
+                lsn: Lsn(p.lsn),
+                expires_in: mark
+                    .expires_in
+                    .max(p.expires.saturating_duration_since(Instant::now())),
+            };
+        }
+        Ok(Some(mark))
     }
 
-    async fn set_max(&self, user: &UserKey, lsn: Lsn, ttl: Duration) -> Result<(), MarksError> {
+    async fn set_max(
+        self: &Arc<Self>,
+        user: &UserKey,
+        lsn: Lsn,
+        ttl: Duration,
+    ) -> Result<(), MarksError> {
         bump(&self.counters.sets);
         let ttl_ms = u64::try_from(ttl.as_millis())
             .unwrap_or(u64::MAX)
             .clamp(1, i64::MAX as u64);
         self.max_ttl_ms.fetch_max(ttl_ms, Ordering::Relaxed);
         let keys = self.keys.keys(user);
+        let expires = Instant::now()
+            .checked_add(Duration::from_millis(ttl_ms))
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(7 * 24 * 3600));
+        // If this future fails, times out or is dropped by the caller's own timeout, the update
+        // is queued for a background retry.
+        let mut guard = RetryOnDrop {
+            inner: self,
+            keys: Some((keys.clone(), lsn.0, expires)),
+        };
+        self.store(&keys, lsn.0, ttl_ms, "set_max").await?;
+        guard.keys = None;
+        Ok(())
+    }
+
+    /// One max-merge in Redis (request path or retry).
+    async fn store(
+        &self,
+        keys: &Keys,
+        lsn: u64,
+        ttl_ms: u64,
+        op: &'static str,
+    ) -> Result<(), MarksError> {
         let mut invocation = SET_MAX_SCRIPT.prepare_invoke();
         invocation
             .key(&keys.mark)
             .key(&keys.epoch)
-            .arg(encode(lsn.0))
+            .arg(encode(lsn))
             .arg(ttl_ms);
         let mut conn = self.conn();
-        let (_kept, fresh): (String, i64) = self.run("set_max", conn.invoke(&invocation)).await?;
+        let (kept, fresh): (String, i64) = self
+            .run(op, self.update_timeout, conn.invoke(&invocation))
+            .await?;
         if fresh == 1 {
             self.epoch_started();
         }
+        self.pending
+            .landed(&keys.mark, decode(kept.as_bytes()).unwrap_or(lsn));
         Ok(())
+    }
+
+    fn queue_retry(self: &Arc<Self>, keys: &Keys, lsn: u64, expires: Instant) {
+        if self.pending.add(&keys.mark, &keys.epoch, lsn, expires) == Added::Full {
+            bump(&self.counters.updates_dropped);
+            tracing::warn!(
+                store = %self.describe,
+                "Redis marks store: too many mark updates waiting for a retry; dropping one"
+            );
+        }
+        if self.pending.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.pending.flushing.store(false, Ordering::Release);
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(RETRY_EVERY).await;
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.retry_pending().await {
+                    continue;
+                }
+                inner.pending.flushing.store(false, Ordering::Release);
+                // An update queued between the last round and the flag going down.
+                if inner.pending.len() == 0 || inner.pending.flushing.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// One round of retries; true while updates remain.
+    async fn retry_pending(&self) -> bool {
+        let now = Instant::now();
+        let (due, expired) = self.pending.due(RETRY_BATCH, now);
+        if expired > 0 {
+            self.counters
+                .updates_dropped
+                .fetch_add(expired as u64, Ordering::Relaxed);
+            tracing::warn!(
+                store = %self.describe,
+                expired,
+                "Redis marks store: mark updates expired before Redis took them"
+            );
+        }
+        for (mark, p) in due {
+            let left = p.expires.saturating_duration_since(Instant::now());
+            let ttl_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+            if ttl_ms == 0 {
+                continue;
+            }
+            let keys = Keys {
+                mark,
+                epoch: p.epoch_key,
+            };
+            match self.store(&keys, p.lsn, ttl_ms, "set_max (retry)").await {
+                Ok(()) => bump(&self.counters.updates_retried),
+                // Still unavailable: try again next round, without hammering it.
+                Err(_) => break,
+            }
+        }
+        self.pending.len() > 0
+    }
+}
+
+/// How often failed mark updates are retried, and how many per round.
+const RETRY_EVERY: Duration = Duration::from_millis(25);
+const RETRY_BATCH: usize = 1000;
+
+/// Queues the update for a retry unless disarmed (success): covers errors, timeouts and a
+/// caller that drops the future at its own deadline.
+struct RetryOnDrop<'a> {
+    inner: &'a Arc<Inner>,
+    keys: Option<(Keys, u64, Instant)>,
+}
+
+impl Drop for RetryOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some((keys, lsn, expires)) = self.keys.take() {
+            self.inner.queue_retry(&keys, lsn, expires);
+        }
     }
 }
 

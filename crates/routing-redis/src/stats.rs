@@ -39,6 +39,12 @@ counters! {
     epochs_started,
     /// Times the connection was replaced because every operation kept timing out.
     reconnects_forced,
+    /// Mark updates that failed on the request path and were landed later by the background
+    /// retry.
+    updates_retried,
+    /// Mark updates that failed and never landed: their TTL passed first (Redis stayed
+    /// unavailable), or too many were waiting.
+    updates_dropped,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
