@@ -420,7 +420,7 @@ impl Inner {
                 Ok(v)
             }
             Ok(Err(e)) => {
-                // The connection's own response timeout (same length) usually fires first.
+                // The connection's own response timeout (the update budget) can fire first.
                 let timed_out = e.is_timeout();
                 let message = if timed_out {
                     bump(&self.counters.timeouts);
