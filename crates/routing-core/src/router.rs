@@ -502,7 +502,34 @@ impl<B: Backend> Inner<B> {
                 } else {
                     &node.reader_pool
                 };
-                match tokio::time::timeout_at(deadline, B::checkout(pool)).await {
+                changes.borrow_and_update();
+                let checkout = tokio::time::timeout_at(deadline, B::checkout(pool));
+                tokio::pin!(checkout);
+                // A checkout on a writer that stopped answering (blackholed, not refusing) can
+                // take the pool's whole connect timeout. Give up on it as soon as the monitor
+                // elects another writer, so writes follow a failover at once.
+                let outcome = loop {
+                    tokio::select! {
+                        biased;
+                        outcome = &mut checkout => break Some(outcome),
+                        Ok(()) = changes.changed() => {
+                            if self.snapshot.load().writer != Some(w) {
+                                break None;
+                            }
+                        }
+                    }
+                };
+                let Some(outcome) = outcome else {
+                    bump(&self.counters.checkout_failures);
+                    continue;
+                };
+                match outcome {
+                    // Elected away while we connected: never hand out a session on a node that
+                    // is no longer the writer (it may be an old primary still accepting writes).
+                    Ok(Ok(pooled)) if self.snapshot.load().writer != Some(w) => {
+                        drop(pooled);
+                        continue;
+                    }
                     Ok(Ok(pooled)) => return Ok((w, pooled)),
                     Ok(Err(e)) if matches!(e.kind, ErrorKind::Auth | ErrorKind::Config) => {
                         return Err(Error::Backend {

@@ -326,6 +326,33 @@ async fn failover_promotes_a_replica_and_writes_resume() {
 }
 
 #[tokio::test]
+async fn a_write_stuck_on_a_silent_primary_follows_the_failover() {
+    let world = World::new(1);
+    let r = router(&world).await;
+    // The primary stops answering (a blackhole, not a refusal): checkouts on it never complete.
+    world.set(0, |n| n.hang = true);
+    let write = tokio::spawn({
+        let r = r.clone();
+        async move { r.write().await.map(|w| w.node_name().to_string()) }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !write.is_finished(),
+        "the write waits on the silent primary"
+    );
+    world.set(1, |n| {
+        n.in_recovery = false;
+        n.timeline = 2;
+    });
+    // Without giving up on the old writer's checkout it would wait out the deadline (NoPrimary).
+    let node = write
+        .await
+        .expect("write task")
+        .expect("the waiting write moves to the new primary");
+    assert_eq!(node, "n1");
+}
+
+#[tokio::test]
 async fn writes_fail_with_a_typed_error_when_no_primary_appears() {
     let world = World::new(1);
     let r = router(&world).await;

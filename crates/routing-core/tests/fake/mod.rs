@@ -17,6 +17,8 @@ pub struct FakeNode {
     pub timeline: u32,
     pub system_id: u64,
     pub replay_age_ms: u64,
+    /// Silent (blackholed): checkouts never complete.
+    pub hang: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -35,6 +37,7 @@ impl World {
             timeline: 1,
             system_id: 42,
             replay_age_ms: 0,
+            hang: false,
         }];
         for _ in 0..replicas {
             v.push(FakeNode {
@@ -44,6 +47,7 @@ impl World {
                 timeline: 1,
                 system_id: 42,
                 replay_age_ms: 0,
+                hang: false,
             });
         }
         World(Arc::new(Mutex::new(v)), Arc::default())
@@ -137,6 +141,9 @@ impl Backend for FakeBackend {
     async fn checkout(pool: &FakePool) -> Result<Pooled, BackendError> {
         {
             let n = pool.world.get(pool.node);
+            if n.hang {
+                std::future::pending::<()>().await;
+            }
             if !n.up {
                 return Err(BackendError::new(
                     ErrorKind::Connection,
