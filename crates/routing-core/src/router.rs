@@ -402,6 +402,7 @@ impl<B: Backend> Router<B> {
         match first {
             Ok(v) => Ok(v),
             Err(e) if B::classify(&e) == ErrorKind::Connection => {
+                bump(&self.inner.counters.read_retries);
                 drop(conn.check::<()>(Err(e)));
                 drop(conn);
                 let mut conn = self.read_with(ctx).await?;
@@ -409,6 +410,35 @@ impl<B: Backend> Router<B> {
                 conn.check(second)
             }
             Err(e) => conn.check(Err(e)),
+        }
+    }
+
+    /// [`Router::read_retrying`] for work written against the [`Backend`] trait (on the pooled
+    /// session, with [`Backend::query_text`] / [`Backend::execute`]), so backend-generic code gets
+    /// the same single retry: a [`ErrorKind::Connection`] failure bans the node and `work` runs
+    /// once more on another node (or the primary); any other error is returned as
+    /// [`ReadConn::check_backend`] maps it. Only for work outside a transaction.
+    pub async fn read_retrying_backend<T, F>(
+        &self,
+        ctx: &RequestContext,
+        mut work: F,
+    ) -> Result<T, Error>
+    where
+        F: for<'c> FnMut(&'c mut B::Pooled) -> BoxFuture<'c, Result<T, BackendError>>,
+    {
+        let mut conn = self.read_with(ctx).await?;
+        let first = work(&mut conn.pooled).await;
+        match first {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind == ErrorKind::Connection => {
+                bump(&self.inner.counters.read_retries);
+                drop(conn.check_backend::<()>(Err(e)));
+                drop(conn);
+                let mut conn = self.read_with(ctx).await?;
+                let second = work(&mut conn.pooled).await;
+                conn.check_backend(second)
+            }
+            Err(e) => conn.check_backend(Err(e)),
         }
     }
 }

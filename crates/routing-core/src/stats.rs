@@ -44,6 +44,8 @@ counters! {
     checkout_failures,
     /// Immediate re-probes requested by callers.
     reprobes_requested,
+    /// Reads that `read_retrying` ran a second time, on another node, after a connection failure.
+    read_retries,
 }
 
 impl RouterStats {
