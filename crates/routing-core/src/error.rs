@@ -35,13 +35,17 @@ impl ErrorKind {
 
     /// The kind a server's SQLSTATE implies, where it implies one, so every adapter classifies
     /// server errors the same way: 25006 is [`ErrorKind::ReadOnly`], 28000/28P01
-    /// [`ErrorKind::Auth`], class 08 and 57P01-57P03 (the server closed or is shutting down the
-    /// session) [`ErrorKind::Connection`]. `None` for everything else (an ordinary query error).
+    /// [`ErrorKind::Auth`], 3D000 (no such database) [`ErrorKind::Config`], 57014 (statement
+    /// timeout) [`ErrorKind::Timeout`], class 08, 57P01-57P03 (the server closed or is shutting
+    /// down the session) and 53300 (too many connections) [`ErrorKind::Connection`]. `None` for
+    /// everything else (an ordinary query error).
     pub fn from_sqlstate(code: &str) -> Option<ErrorKind> {
         match code {
             "25006" => Some(ErrorKind::ReadOnly),
             "28000" | "28P01" => Some(ErrorKind::Auth),
-            "57P01" | "57P02" | "57P03" => Some(ErrorKind::Connection),
+            "3D000" => Some(ErrorKind::Config),
+            "57014" => Some(ErrorKind::Timeout),
+            "57P01" | "57P02" | "57P03" | "53300" => Some(ErrorKind::Connection),
             c if c.starts_with("08") => Some(ErrorKind::Connection),
             _ => None,
         }

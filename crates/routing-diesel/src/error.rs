@@ -78,18 +78,10 @@ pub(crate) fn query_error(label: &str, err: DieselError) -> BackendError {
     out.with_source(err)
 }
 
-/// The kind a server's SQLSTATE implies for connect-time errors.
+/// The kind a server's SQLSTATE implies for connect-time errors (one table for every adapter:
+/// routing-core's).
 fn kind_of_sqlstate(code: &str) -> ErrorKind {
-    match code {
-        "25006" => ErrorKind::ReadOnly,
-        "28000" | "28P01" => ErrorKind::Auth,
-        // invalid_catalog_name (no such database): fix the URL
-        "3D000" => ErrorKind::Config,
-        "57014" => ErrorKind::Timeout,
-        // admin/crash shutdown, cannot_connect_now, too_many_connections, class 08
-        c if c.starts_with("57P") || c.starts_with("08") || c == "53300" => ErrorKind::Connection,
-        _ => ErrorKind::Query,
-    }
+    ErrorKind::from_sqlstate(code).unwrap_or(ErrorKind::Query)
 }
 
 /// An error from `tokio_postgres::connect` (or from a query run while setting a session up).
