@@ -27,6 +27,11 @@
 //! - a cluster of its own for every test that pauses, kills or promotes a node (dropped, and so
 //!   cleaned up, even when the test fails).
 //!
+//! The failover and health tests under real faults (killed or blackholed primary then a
+//! promotion, split primaries, a replica killed under reads, lag hysteresis, typed outcomes of
+//! lost writes) live in `failover.rs`; they drive the router with an open-loop request load and
+//! print failover timings measured with `RouterConfig::default()`.
+//!
 //! Every function must run on a multi-thread tokio runtime: the kit's blocking calls run through
 //! [`tokio::task::block_in_place`]. Timings worth knowing are printed with `eprintln!` (run with
 //! `--nocapture` to see them).
@@ -41,6 +46,14 @@ use routing_core::{
     TokenCodec, TokenKey, WriteConn,
 };
 use routing_testkit::{Cluster, ClusterBuilder};
+
+mod failover;
+pub use failover::{
+    failover_after_blackhole_with_defaults, failover_after_kill_with_defaults,
+    killed_replica_under_read_load_fails_only_in_flight_reads, lag_exclusion_has_hysteresis,
+    lost_writes_and_a_missing_primary_have_typed_outcomes,
+    promotion_with_the_old_primary_up_never_writes_it,
+};
 
 mod commit;
 pub use commit::explicit_commit_returns_the_lsn_after_commit;
@@ -74,6 +87,12 @@ macro_rules! conformance_tests {
             wrong_password_is_a_typed_auth_error,
             unreachable_host_is_a_typed_connection_error,
             explicit_commit_returns_the_lsn_after_commit,
+            failover_after_kill_with_defaults,
+            failover_after_blackhole_with_defaults,
+            promotion_with_the_old_primary_up_never_writes_it,
+            killed_replica_under_read_load_fails_only_in_flight_reads,
+            lag_exclusion_has_hysteresis,
+            lost_writes_and_a_missing_primary_have_typed_outcomes,
         );
     };
     (@each $h:ty; $($name:ident),* $(,)?) => {
@@ -102,13 +121,21 @@ fn kit<T>(f: impl FnOnce() -> T) -> T {
 }
 
 fn own_cluster() -> Cluster {
+    own_cluster_with(2)
+}
+
+/// A cluster of its own with this many replicas (fewer start faster).
+fn own_cluster_with(replicas: usize) -> Cluster {
     kit(|| {
         let started = Instant::now();
         let c = ClusterBuilder::new()
-            .replicas(2)
+            .replicas(replicas)
             .start()
             .expect("start a test cluster");
-        eprintln!("[conformance] own cluster up in {:?}", started.elapsed());
+        eprintln!(
+            "[conformance] own cluster (primary + {replicas}) up in {:?}",
+            started.elapsed()
+        );
         c
     })
 }
