@@ -26,6 +26,7 @@ mod probe;
 mod router;
 mod secret;
 mod stats;
+mod throttle;
 mod token;
 mod topology;
 

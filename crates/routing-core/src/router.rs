@@ -76,6 +76,7 @@ pub(crate) struct Inner<B: Backend> {
     picker: Box<dyn ReplicaPicker>,
     regions: RegionPolicy,
     counters: Counters,
+    marks_warnings: crate::throttle::WarnThrottle,
     max_commit_lsn: AtomicU64,
 }
 
@@ -212,6 +213,7 @@ impl<B: Backend> RouterBuilder<B> {
             picker: self.picker,
             regions: self.regions,
             counters: Counters::default(),
+            marks_warnings: crate::throttle::WarnThrottle::new(),
             max_commit_lsn: AtomicU64::new(0),
         });
         let mut changes = inner.changes.subscribe();
@@ -477,12 +479,16 @@ impl<B: Backend> Inner<B> {
             Ok(Ok(m)) => Ok(m),
             Ok(Err(e)) => {
                 bump(&self.counters.marks_errors);
-                tracing::warn!(error = %e, "mark lookup failed");
+                if let Some(suppressed) = self.marks_warnings.allow() {
+                    tracing::warn!(error = %e, suppressed, "mark lookup failed");
+                }
                 Err(())
             }
             Err(_) => {
                 bump(&self.counters.marks_errors);
-                tracing::warn!(timeout = ?self.config.marks_timeout, "mark lookup timed out");
+                if let Some(suppressed) = self.marks_warnings.allow() {
+                    tracing::warn!(timeout = ?self.config.marks_timeout, suppressed, "mark lookup timed out");
+                }
                 Err(())
             }
         }
@@ -808,6 +814,10 @@ pub struct WriteReceipt {
     pub causal: CausalToken,
     /// The signed token text, when the router has a key.
     pub token: Option<String>,
+    /// Whether the user's mark was raised to `lsn`: `None` without a user, `Some(false)` when the
+    /// marks store failed. Then only the token protects this user's next reads on other
+    /// processes: hand it to the client.
+    pub mark_recorded: Option<bool>,
 }
 
 /// A session on a replica, or on the primary in read-only mode. Dereferences to the driver's
@@ -1008,16 +1018,21 @@ impl<B: Backend> WriteConn<B> {
             })?;
         let inner = &self.inner;
         inner.max_commit_lsn.fetch_max(lsn.0, Ordering::Relaxed);
+        let mut mark_recorded = None;
         if let Some(user) = &self.user {
             let update = tokio::time::timeout(
                 inner.config.marks_timeout,
                 inner.marks.set_max(user, lsn, inner.config.mark_ttl),
             )
             .await;
-            if !matches!(update, Ok(Ok(()))) {
+            let recorded = matches!(update, Ok(Ok(())));
+            if !recorded {
                 bump(&inner.counters.mark_update_failures);
-                tracing::warn!(node = %node, "could not record the user's write mark");
+                if let Some(suppressed) = inner.marks_warnings.allow() {
+                    tracing::warn!(node = %node, suppressed, "could not record the user's write mark");
+                }
             }
+            mark_recorded = Some(recorded);
         }
         let snap = inner.snapshot.load();
         let causal = CausalToken {
@@ -1029,7 +1044,12 @@ impl<B: Backend> WriteConn<B> {
             system_id: snap.system_id.unwrap_or(0),
         };
         let token = inner.codec.as_ref().map(|c| c.sign(&causal));
-        Ok(WriteReceipt { lsn, causal, token })
+        Ok(WriteReceipt {
+            lsn,
+            causal,
+            token,
+            mark_recorded,
+        })
     }
 }
 

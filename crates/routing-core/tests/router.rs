@@ -404,6 +404,14 @@ async fn a_failing_marks_store_sends_marked_reads_to_the_primary_and_never_fails
     assert!(r.read_with(&ctx).await.expect("read").on_primary());
     let s = r.stats();
     assert_eq!((s.marks_errors, s.mark_update_failures), (1, 1));
+    let mut w = r.write_with(&ctx).await.expect("write");
+    let done = FakeBackend::execute(w.pooled(), "INSERT x").await;
+    w.check_backend(done).expect("insert");
+    assert_eq!(
+        w.finish().await.expect("finish").mark_recorded,
+        Some(false),
+        "the receipt says the mark was lost"
+    );
 }
 
 #[tokio::test]
