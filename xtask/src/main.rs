@@ -88,13 +88,14 @@ fn test() -> Result<(), Fail> {
             .current_dir(&root))
     })?;
     step(
-        "clippy: cargo clippy --workspace --all-targets -- -D warnings",
+        "clippy: cargo clippy --workspace --all-targets --all-features -- -D warnings",
         || {
             run(cargo()
                 .args([
                     "clippy",
                     "--workspace",
                     "--all-targets",
+                    "--all-features",
                     "--",
                     "-D",
                     "warnings",
@@ -106,7 +107,9 @@ fn test() -> Result<(), Fail> {
     // The leftover check looks only at what this run created: other processes on a shared
     // machine (or a cluster dir left by an earlier, killed run) are reported but not blamed.
     let before = leftovers::Snapshot::take();
-    let tests = step("tests: cargo test --workspace", || util::cargo_test(&root));
+    let tests = step("tests: cargo test --workspace --all-features", || {
+        util::cargo_test(&root)
+    });
     let left = step("leftovers: testkit servers and cluster dirs", || {
         leftovers::check(&before)
     });

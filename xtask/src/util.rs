@@ -154,7 +154,8 @@ impl TestCounts {
 /// `cargo test --workspace`, its stdout streamed through so the totals can be counted.
 pub fn cargo_test(root: &Path) -> Result<TestCounts, Fail> {
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace"]).current_dir(root);
+    cmd.args(["test", "--workspace", "--all-features"])
+        .current_dir(root);
     let shown = describe(&cmd);
     println!("$ {shown}");
     let mut child = cmd
