@@ -9,6 +9,11 @@ use crate::{
     RoleHint,
 };
 
+/// Healthy probes in a row that lift a ban before it expires.
+const READMIT_AFTER_HEALTHY_PROBES: u32 = 3;
+/// Healthy probes in a row after which the ban backoff starts again from its base.
+const FORGIVE_AFTER_HEALTHY_PROBES: u32 = 20;
+
 /// A node's role as last observed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -69,6 +74,7 @@ pub struct NodeStatus {
     rate_sample: Option<(Instant, Lsn)>,
     in_recovery: Option<bool>,
     fenced: bool,
+    healthy_streak: u32,
 }
 
 impl NodeStatus {
@@ -145,6 +151,7 @@ impl Topology {
                 rate_sample: None,
                 in_recovery: None,
                 fenced: false,
+                healthy_streak: 0,
             })
             .collect();
         let generation = epoch.generation();
@@ -176,9 +183,20 @@ impl Topology {
         node.last_probe = Some(now);
         node.last_error = None;
         node.last_error_kind = None;
+        node.healthy_streak = node.healthy_streak.saturating_add(1);
+        // A ban ends when it expires or, earlier, after a few healthy probes in a row: backoff
+        // keeps a flapping node out, not one that came back. The backoff exponent is forgotten
+        // only once the node stays healthy.
+        if node.banned_until.is_some_and(|t| t > now)
+            && node.healthy_streak >= READMIT_AFTER_HEALTHY_PROBES
+        {
+            node.banned_until = None;
+        }
         if node.banned_until.is_none_or(|t| t <= now) {
             node.banned_until = None;
-            node.consecutive_failures = 0;
+            if node.healthy_streak >= FORGIVE_AFTER_HEALTHY_PROBES {
+                node.consecutive_failures = 0;
+            }
         }
         if let (Some((t0, l0)), Some(l1)) = (node.rate_sample, report.lsn) {
             let dt = now.saturating_duration_since(t0).as_secs_f64();
@@ -238,6 +256,7 @@ impl Topology {
         let ban = self.ban;
         let node = &mut self.snap.nodes[i];
         let already_banned = node.banned_until.is_some_and(|t| t > now);
+        node.healthy_streak = 0;
         node.reachable = false;
         node.last_error = Some(crate::secret::redact(why));
         node.last_error_kind = None;
@@ -465,14 +484,25 @@ mod tests {
         t.apply_failure(1, "refused", t1);
         let b2 = t.snapshot().nodes[1].banned_until.expect("banned again");
         assert_eq!(b2 - t1, Duration::from_secs(1));
-        // a healthy probe during the ban does not readmit early
-        t.apply_probe(1, replica(10, 0), t1 + Duration::from_millis(10));
-        assert!(!t.snapshot().nodes[1].is_readable_replica(t1 + Duration::from_millis(10)));
-        // after the ban, a healthy probe readmits and resets the backoff
-        let t2 = b2 + Duration::from_millis(1);
+        // one healthy probe during the ban does not readmit early...
+        let t2 = t1 + Duration::from_millis(10);
         t.apply_probe(1, replica(10, 0), t2);
+        assert!(!t.snapshot().nodes[1].is_readable_replica(t2));
+        // ...three in a row do, long before the ban would expire
+        t.apply_probe(1, replica(10, 0), t2);
+        t.apply_probe(1, replica(10, 0), t2);
+        assert!(t.snapshot().nodes[1].is_readable_replica(t2));
+        // failing again soon escalates the backoff (it is not forgotten yet)
+        t.apply_failure(1, "refused", t2);
+        let b3 = t.snapshot().nodes[1].banned_until.expect("banned");
+        assert_eq!(b3 - t2, Duration::from_secs(2));
+        // staying healthy forgets it
+        let t3 = b3 + Duration::from_millis(1);
+        for _ in 0..20 {
+            t.apply_probe(1, replica(10, 0), t3);
+        }
         let s = t.snapshot();
-        assert!(s.nodes[1].is_readable_replica(t2));
+        assert!(s.nodes[1].is_readable_replica(t3));
         assert_eq!(s.nodes[1].consecutive_failures, 0);
     }
 
