@@ -57,6 +57,8 @@ pub use failover::{
 
 mod commit;
 pub use commit::explicit_commit_returns_the_lsn_after_commit;
+mod security;
+pub use security::probes_ignore_functions_planted_in_the_search_path;
 
 /// What a backend crate provides to run the suite.
 pub trait Harness: Send + Sync + 'static {
@@ -87,6 +89,7 @@ macro_rules! conformance_tests {
             wrong_password_is_a_typed_auth_error,
             unreachable_host_is_a_typed_connection_error,
             explicit_commit_returns_the_lsn_after_commit,
+            probes_ignore_functions_planted_in_the_search_path,
             failover_after_kill_with_defaults,
             failover_after_blackhole_with_defaults,
             promotion_with_the_old_primary_up_never_writes_it,
