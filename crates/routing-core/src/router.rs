@@ -165,10 +165,18 @@ impl<B: Backend> RouterBuilder<B> {
             ));
         }
         let epoch = Epoch::default();
+        // Probe sessions are renewed often: behind a stable endpoint (HAProxy, a cloud writer
+        // endpoint) only a new connection shows which server the endpoint points at now.
+        let probe_lifetime = (self.config.probe_interval * 4).max(Duration::from_secs(1));
         let probe_settings = PoolSettings {
             max_size: 1,
             connect_timeout: self.config.probe_timeout,
-            max_lifetime: self.config.pool.max_lifetime,
+            max_lifetime: Some(
+                self.config
+                    .pool
+                    .max_lifetime
+                    .map_or(probe_lifetime, |l| l.min(probe_lifetime)),
+            ),
             idle_timeout: None,
             pre_ping: false,
             statement_timeout: Some(self.config.probe_timeout),

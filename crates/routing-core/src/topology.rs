@@ -206,6 +206,13 @@ impl Topology {
                     Some(node.replay_rate.map_or(sample, |r| 0.7 * r + 0.3 * sample));
             }
         }
+        // A node that stays out of recovery but shows another timeline or cluster is another
+        // server now (a stable endpoint followed a failover): as good as a role change.
+        let identity_changed = (node.in_recovery == Some(false)
+            && !report.in_recovery
+            && node.timeline.is_some()
+            && report.timeline != node.timeline)
+            || matches!((node.system_id, report.system_id), (Some(a), Some(b)) if a != b);
         node.rate_sample = report.lsn.map(|l| (now, l));
         node.lsn = report.lsn;
         node.receive_lsn = report.receive_lsn;
@@ -247,7 +254,12 @@ impl Topology {
             node.lag_excluded = false;
         }
         node.in_recovery = Some(report.in_recovery);
-        self.elect()
+        let changed = self.elect();
+        if identity_changed && !changed {
+            self.snap.generation = self.epoch.bump();
+            return true;
+        }
+        changed
     }
 
     /// Records a failed probe or a failed checkout: the node is unreachable and, if it serves
@@ -613,6 +625,32 @@ mod tests {
         delayed.receive_lsn = Some(Lsn(900));
         t.apply_probe(1, delayed, now + Duration::from_secs(2));
         assert_eq!(t.snapshot().nodes[1].lag, Some(Duration::from_millis(800)));
+    }
+
+    #[test]
+    fn a_stable_endpoint_that_moves_to_a_new_timeline_bumps_the_generation() {
+        let epoch = Epoch::default();
+        let mut t = Topology::new(
+            &nodes(1),
+            LagBounds::default(),
+            BanPolicy::default(),
+            epoch.clone(),
+        );
+        let now = Instant::now();
+        t.apply_probe(0, primary(100, 1), now);
+        let stamped = epoch.generation();
+        assert!(
+            !t.apply_probe(0, primary(200, 1), now),
+            "same server, more WAL: nothing changed"
+        );
+        assert!(epoch.admits(stamped));
+        // The endpoint now reaches the promoted replica: same role, new timeline.
+        assert!(t.apply_probe(0, primary(300, 2), now));
+        assert!(
+            !epoch.admits(stamped),
+            "sessions to the old server are never handed out again"
+        );
+        assert_eq!(t.snapshot().writer, Some(0));
     }
 
     #[test]

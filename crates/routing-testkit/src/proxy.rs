@@ -32,7 +32,7 @@ pub enum ProxyMode {
 
 #[derive(Debug)]
 struct Shared {
-    target: SocketAddr,
+    target: Mutex<SocketAddr>,
     mode: Mutex<ProxyMode>,
     changed: Condvar,
     shutdown: AtomicBool,
@@ -44,6 +44,9 @@ struct Shared {
 impl Shared {
     fn mode(&self) -> MutexGuard<'_, ProxyMode> {
         self.mode.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn target(&self) -> SocketAddr {
+        *self.target.lock().unwrap_or_else(|e| e.into_inner())
     }
     fn is_shut(&self) -> bool {
         self.shutdown.load(Ordering::SeqCst)
@@ -94,7 +97,7 @@ impl FaultProxy {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
         let port = listener.local_addr()?.port();
         let shared = Arc::new(Shared {
-            target,
+            target: Mutex::new(target),
             mode: Mutex::new(ProxyMode::Pass),
             changed: Condvar::new(),
             shutdown: AtomicBool::new(false),
@@ -126,6 +129,12 @@ impl FaultProxy {
     pub fn set_mode(&self, mode: ProxyMode) {
         *self.shared.mode() = mode;
         self.shared.changed.notify_all();
+    }
+
+    /// Sends new connections to another address; existing ones stay with the old target, like a
+    /// load balancer (HAProxy, a cloud endpoint) that follows a failover without cutting sessions.
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.shared.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
     }
 
     /// The current mode.
@@ -177,7 +186,7 @@ fn handle(client: TcpStream, shared: Arc<Shared>) {
     }
     // A blackholed new connection does not even reach the target.
     if shared.wait_forwardable(Instant::now())
-        && let Ok(server) = TcpStream::connect_timeout(&shared.target, Duration::from_secs(5))
+        && let Ok(server) = TcpStream::connect_timeout(&shared.target(), Duration::from_secs(5))
     {
         let _ = client.set_nodelay(true);
         let _ = server.set_nodelay(true);

@@ -119,3 +119,38 @@ fn proxy_to_a_dead_target_closes_the_client() {
     let mut b = [0u8; 1];
     assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
 }
+
+/// A listener that greets every connection with one tag byte and keeps it open.
+fn greeter(tag: u8) -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut keep = Vec::new();
+        for s in l.incoming().flatten() {
+            let mut s = s;
+            let _ = s.write_all(&[tag]);
+            keep.push(s);
+        }
+    });
+    a
+}
+
+fn greeting(s: &mut TcpStream) -> u8 {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    b[0]
+}
+
+#[test]
+fn retarget_moves_new_connections_and_keeps_old_ones() {
+    let (a, b) = (greeter(b'A'), greeter(b'B'));
+    let p = FaultProxy::start(a).unwrap();
+    let mut old = TcpStream::connect(addr(p.port())).unwrap();
+    assert_eq!(greeting(&mut old), b'A');
+    p.retarget(b);
+    let mut new = TcpStream::connect(addr(p.port())).unwrap();
+    assert_eq!(greeting(&mut new), b'B');
+    // The old session still reaches A: a write through it does not fail.
+    old.write_all(b"still here").unwrap();
+}

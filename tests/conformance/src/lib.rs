@@ -59,6 +59,8 @@ mod commit;
 pub use commit::explicit_commit_returns_the_lsn_after_commit;
 mod security;
 pub use security::probes_ignore_functions_planted_in_the_search_path;
+mod endpoint;
+pub use endpoint::stable_endpoint_follows_a_failover_and_drops_old_sessions;
 
 /// What a backend crate provides to run the suite.
 pub trait Harness: Send + Sync + 'static {
@@ -90,6 +92,7 @@ macro_rules! conformance_tests {
             unreachable_host_is_a_typed_connection_error,
             explicit_commit_returns_the_lsn_after_commit,
             probes_ignore_functions_planted_in_the_search_path,
+            stable_endpoint_follows_a_failover_and_drops_old_sessions,
             failover_after_kill_with_defaults,
             failover_after_blackhole_with_defaults,
             promotion_with_the_old_primary_up_never_writes_it,
