@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use routing_core::{Backend, NodeConfig, Router};
+use routing_core::{NodeConfig, Router};
 use routing_testkit::FaultProxy;
 
 use super::{
