@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::{BackendError, ErrorKind, NodeConfig, PoolSettings};
+use crate::{BackendError, ErrorKind, Lsn, NodeConfig, PoolSettings};
 
 /// What a pool's sessions are for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -158,15 +158,33 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
-    /// Commits the session's open transaction and returns the WAL position after the commit
-    /// (the text of [`sql::COMMIT_LSN`]). The default takes two round trips; drivers that can send
-    /// [`sql::COMMIT_THEN_LSN`] as one simple-protocol query should override it to take one.
+    /// The session's WAL position (`pg_current_wal_lsn()`): run right after a COMMIT on the
+    /// primary, the LSN a replica must replay to show that commit. The default reads
+    /// [`sql::COMMIT_LSN`] as text; drivers with a native `pg_lsn` type may read it typed.
+    fn current_wal_lsn(
+        pooled: &mut Self::Pooled,
+    ) -> impl Future<Output = Result<Option<Lsn>, BackendError>> + Send + '_ {
+        async move { parse_lsn(Self::query_text(pooled, sql::COMMIT_LSN).await?) }
+    }
+
+    /// Commits the session's open transaction and returns the WAL position after the commit.
+    /// The default takes two round trips; drivers that can send [`sql::COMMIT_THEN_LSN`] as one
+    /// simple-protocol query should override it to take one.
     fn commit_returning_lsn(
         pooled: &mut Self::Pooled,
-    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send + '_ {
+    ) -> impl Future<Output = Result<Option<Lsn>, BackendError>> + Send + '_ {
         async move {
             Self::execute(pooled, "COMMIT").await?;
-            Self::query_text(pooled, sql::COMMIT_LSN).await
+            Self::current_wal_lsn(pooled).await
         }
     }
+}
+
+/// An LSN answer in PostgreSQL's text form (`None` stays `None`; anything else is a query error).
+pub fn parse_lsn(text: Option<String>) -> Result<Option<Lsn>, BackendError> {
+    text.map(|t| {
+        t.parse::<Lsn>()
+            .map_err(|e| BackendError::new(ErrorKind::Query, e.to_string()))
+    })
+    .transpose()
 }

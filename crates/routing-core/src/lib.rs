@@ -30,7 +30,7 @@ mod throttle;
 mod token;
 mod topology;
 
-pub use backend::{Access, Backend, Epoch, PoolSpec, sql};
+pub use backend::{Access, Backend, Epoch, PoolSpec, parse_lsn, sql};
 pub use config::{
     BanPolicy, LagBounds, MarksFailure, NodeConfig, PoolSettings, RoleHint, RouterConfig,
 };

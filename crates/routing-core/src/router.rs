@@ -972,7 +972,7 @@ impl<B: Backend> WriteConn<B> {
     /// which a reader must reach), raises the user's mark to it and signs a token.
     pub async fn finish(mut self) -> Result<WriteReceipt, Error> {
         let node = self.node_name().to_string();
-        let text = B::query_text(&mut self.pooled, sql::COMMIT_LSN)
+        let lsn = B::current_wal_lsn(&mut self.pooled)
             .await
             .map_err(|source| {
                 self.inner.nudge();
@@ -981,7 +981,7 @@ impl<B: Backend> WriteConn<B> {
                     source,
                 }
             })?;
-        self.record_commit(node, text).await
+        self.record_commit(node, lsn).await
     }
 
     /// Commits the explicit transaction opened on this session (`BEGIN`) and finishes like
@@ -990,7 +990,7 @@ impl<B: Backend> WriteConn<B> {
     /// refused (for example a serialization failure) is [`Error::Backend`] and nothing was written.
     pub async fn commit(mut self) -> Result<WriteReceipt, Error> {
         let node = self.node_name().to_string();
-        let text = B::commit_returning_lsn(&mut self.pooled)
+        let lsn = B::commit_returning_lsn(&mut self.pooled)
             .await
             .map_err(|source| {
                 if matches!(source.kind, ErrorKind::Connection | ErrorKind::Timeout) {
@@ -1006,24 +1006,14 @@ impl<B: Backend> WriteConn<B> {
                     }
                 }
             })?;
-        self.record_commit(node, text).await
+        self.record_commit(node, lsn).await
     }
 
-    async fn record_commit(
-        self,
-        node: String,
-        text: Option<String>,
-    ) -> Result<WriteReceipt, Error> {
-        let lsn = text
-            .as_deref()
-            .and_then(|t| t.parse::<Lsn>().ok())
-            .ok_or_else(|| Error::Backend {
-                node: node.clone(),
-                source: BackendError::new(
-                    ErrorKind::Query,
-                    format!("unexpected commit LSN answer {text:?}"),
-                ),
-            })?;
+    async fn record_commit(self, node: String, lsn: Option<Lsn>) -> Result<WriteReceipt, Error> {
+        let lsn = lsn.ok_or_else(|| Error::Backend {
+            node: node.clone(),
+            source: BackendError::new(ErrorKind::Query, "the primary reported no WAL position"),
+        })?;
         let inner = &self.inner;
         inner.max_commit_lsn.fetch_max(lsn.0, Ordering::Relaxed);
         let mut mark_recorded = None;

@@ -11,7 +11,7 @@ use diesel::QueryableByName;
 use diesel::sql_types::{Nullable, Text};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, PoolError};
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use routing_core::{Access, Backend, BackendError, Epoch, ErrorKind, PoolSpec, sql};
+use routing_core::{Access, Backend, BackendError, Epoch, ErrorKind, Lsn, PoolSpec, sql};
 use tokio::sync::watch;
 
 use crate::error;
@@ -452,5 +452,14 @@ impl Backend for DieselBackend {
 
     fn sqlstate(err: &diesel::result::Error) -> Option<String> {
         error::sqlstate(err).map(str::to_string)
+    }
+
+    /// Read as diesel's binary `PgLsn`, not text.
+    async fn current_wal_lsn(pooled: &mut PooledConn) -> Result<Option<Lsn>, BackendError> {
+        let c = &mut *pooled.inner;
+        crate::lsn::current_wal_lsn(&mut c.conn)
+            .await
+            .map(Some)
+            .map_err(|e| error::query_error(&c.label, e))
     }
 }

@@ -29,8 +29,7 @@ async fn lsn_query(conn: &mut AsyncPgConnection, sql: &str) -> diesel::QueryResu
 
 /// The session's current WAL position (`pg_current_wal_lsn()`, read as a binary `pg_lsn`).
 /// Run right after a COMMIT on the primary it is the commit LSN a replica must replay to show
-/// that commit; this is what [`routing_core::WriteConn::finish`] records (as text, through the
-/// backend-generic path), typed for code that wants it directly.
+/// that commit; this is what [`routing_core::WriteConn::finish`] records for this backend.
 pub async fn current_wal_lsn(conn: &mut AsyncPgConnection) -> diesel::QueryResult<Lsn> {
     lsn_query(conn, "SELECT pg_catalog.pg_current_wal_lsn() AS v")
         .await?

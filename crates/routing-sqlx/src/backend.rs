@@ -285,7 +285,7 @@ impl Backend for SqlxBackend {
     /// One round trip: `raw_sql` sends both statements as one simple-protocol query.
     async fn commit_returning_lsn(
         pooled: &mut PoolConnection<Postgres>,
-    ) -> Result<Option<String>, BackendError> {
-        Self::query_text(pooled, routing_core::sql::COMMIT_THEN_LSN).await
+    ) -> Result<Option<routing_core::Lsn>, BackendError> {
+        routing_core::parse_lsn(Self::query_text(pooled, routing_core::sql::COMMIT_THEN_LSN).await?)
     }
 }
