@@ -21,6 +21,37 @@ pub enum Access {
     Probe,
 }
 
+impl Access {
+    /// The query that validates a session of this access: at connect for writers (the node must
+    /// not be in recovery) and at checkout when pre-ping is on.
+    pub fn check_sql(self) -> &'static str {
+        match self {
+            Access::ReadWrite => sql::WRITER_CHECK,
+            Access::ReadOnly | Access::Probe => sql::PING,
+        }
+    }
+
+    /// Judges the answer to [`Access::check_sql`]: `Ok`, or the kind of error to refuse the
+    /// session with ([`ErrorKind::NotWriter`] for a writer session on a node in recovery).
+    pub fn judge_check(self, answer: Option<&str>) -> Result<(), ErrorKind> {
+        match (self, answer) {
+            (Access::ReadWrite, Some("false")) => Ok(()),
+            (Access::ReadWrite, Some("true")) => Err(ErrorKind::NotWriter),
+            (Access::ReadWrite, _) => Err(ErrorKind::Query),
+            (Access::ReadOnly | Access::Probe, _) => Ok(()),
+        }
+    }
+}
+
+impl PoolSettings {
+    /// Has a pooled session outlived `max_lifetime` or `idle_timeout`? Checked at checkout, since
+    /// pools enforce them only lazily.
+    pub fn is_expired(&self, age: Duration, idle_for: Duration) -> bool {
+        self.max_lifetime.is_some_and(|l| age >= l)
+            || self.idle_timeout.is_some_and(|l| idle_for >= l)
+    }
+}
+
 /// Queries the adapters run on the router's behalf. Every function and operator is
 /// schema-qualified, so objects an attacker creates in `public` are never called (`COALESCE` and
 /// `CASE` are syntax, not functions: `pg_catalog.coalesce` does not exist).

@@ -11,7 +11,9 @@ use diesel::QueryableByName;
 use diesel::sql_types::{Nullable, Text};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, PoolError};
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use routing_core::{Access, Backend, BackendError, Epoch, ErrorKind, Lsn, PoolSpec, sql};
+use routing_core::{
+    Access, Backend, BackendError, Epoch, ErrorKind, Lsn, PoolSettings, PoolSpec, sql,
+};
 use tokio::sync::watch;
 
 use crate::error;
@@ -151,9 +153,7 @@ struct Shared {
     /// `pg-1 reader`: the prefix of every error message.
     label: Arc<str>,
     epoch: Epoch,
-    pre_ping: bool,
-    max_lifetime: Option<Duration>,
-    connect_timeout: Duration,
+    settings: PoolSettings,
     failures: watch::Sender<Option<Failure>>,
 }
 
@@ -179,17 +179,18 @@ impl ManageConnection for Manager {
         // Stamp with the generation from before connecting: if roles change while we connect,
         // the session is refused at checkout and made again under the new generation.
         let generation = s.epoch.generation();
-        let made = match tokio::time::timeout(s.connect_timeout, self.inner.connect()).await {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(PoolError::ConnectionError(e))) => {
-                Err(error::from_connection_error(&s.label, e))
-            }
-            Ok(Err(PoolError::QueryError(e))) => Err(error::query_error(&s.label, e)),
-            Err(_) => Err(s.err(
-                ErrorKind::Connection,
-                format_args!("could not connect within {:?}", s.connect_timeout),
-            )),
-        };
+        let made =
+            match tokio::time::timeout(s.settings.connect_timeout, self.inner.connect()).await {
+                Ok(Ok(conn)) => Ok(conn),
+                Ok(Err(PoolError::ConnectionError(e))) => {
+                    Err(error::from_connection_error(&s.label, e))
+                }
+                Ok(Err(PoolError::QueryError(e))) => Err(error::query_error(&s.label, e)),
+                Err(_) => Err(s.err(
+                    ErrorKind::Connection,
+                    format_args!("could not connect within {:?}", s.settings.connect_timeout),
+                )),
+            };
         match made {
             Ok(conn) => Ok(Conn {
                 conn,
@@ -217,9 +218,7 @@ impl ManageConnection for Manager {
                 ),
             ));
         }
-        if let Some(max) = s.max_lifetime
-            && c.born.elapsed() >= max
-        {
+        if s.settings.is_expired(c.born.elapsed(), Duration::ZERO) {
             return Err(s.err(ErrorKind::Connection, "session past max_lifetime"));
         }
         if self.inner.has_broken(&mut c.conn) {
@@ -227,15 +226,10 @@ impl ManageConnection for Manager {
             // transaction was left open. Never hand those out, pre-ping or not.
             return Err(s.err(ErrorKind::Connection, "session closed"));
         }
-        if !s.pre_ping {
+        if !s.settings.pre_ping {
             return Ok(());
         }
-        match s.access {
-            Access::ReadWrite => writer_check(&s.label, &mut c.conn).await,
-            Access::ReadOnly | Access::Probe => {
-                text_query(&s.label, &mut c.conn, sql::PING).await.map(drop)
-            }
-        }
+        session_check(&s.label, s.access, &mut c.conn).await
     }
 
     fn has_broken(&self, c: &mut Conn) -> bool {
@@ -264,19 +258,21 @@ async fn text_query(
         .map_err(|e| error::query_error(label, e))
 }
 
-/// Refuses a session on a node in recovery.
-async fn writer_check(label: &str, conn: &mut AsyncPgConnection) -> Result<(), BackendError> {
-    match text_query(label, conn, sql::WRITER_CHECK).await?.as_deref() {
-        Some("false") => Ok(()),
-        Some("true") => Err(BackendError::new(
-            ErrorKind::NotWriter,
-            format!("{label}: node is in recovery (not the primary)"),
-        )),
-        other => Err(BackendError::new(
-            ErrorKind::Query,
-            format!("{label}: unexpected writer check answer {other:?}"),
-        )),
-    }
+/// Runs the access's check query and applies routing-core's verdict (a writer session on a node
+/// in recovery is refused with `NotWriter`).
+async fn session_check(
+    label: &str,
+    access: Access,
+    conn: &mut AsyncPgConnection,
+) -> Result<(), BackendError> {
+    let answer = text_query(label, conn, access.check_sql()).await?;
+    access.judge_check(answer.as_deref()).map_err(|kind| {
+        let why = match kind {
+            ErrorKind::NotWriter => "node is in recovery (not the primary)".to_string(),
+            _ => format!("unexpected session check answer {answer:?}"),
+        };
+        BackendError::new(kind, format!("{label}: {why}"))
+    })
 }
 
 /// diesel-async's `custom_setup`: connect (keeping the server's SQLSTATE for classification),
@@ -313,7 +309,7 @@ async fn establish(setup: Arc<Setup>, url: String) -> Result<AsyncPgConnection, 
             .map_err(|e| error::query_error(label, e))?;
     }
     if setup.access == Access::ReadWrite {
-        writer_check(label, &mut conn).await?;
+        session_check(label, Access::ReadWrite, &mut conn).await?;
     }
     Ok(conn)
 }
@@ -380,9 +376,7 @@ impl Backend for DieselBackend {
             access,
             label: Arc::from(label),
             epoch,
-            pre_ping: settings.pre_ping,
-            max_lifetime: settings.max_lifetime,
-            connect_timeout: settings.connect_timeout,
+            settings,
             failures: watch::channel(None).0,
         });
         let manager = Manager {
@@ -414,7 +408,7 @@ impl Backend for DieselBackend {
                 Err(bb8::RunError::User(e)) => Err(e),
                 Err(bb8::RunError::TimedOut) => Err(s.err(
                     ErrorKind::Timeout,
-                    format_args!("no session within {:?}", s.connect_timeout),
+                    format_args!("no session within {:?}", s.settings.connect_timeout),
                 )),
             },
             // A connect attempt failed while we waited: that is the answer (bb8 itself would

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use routing_core::{Access, Backend, BackendError, ErrorKind, NodeConfig, PoolSpec, sql};
+use routing_core::{Access, Backend, BackendError, ErrorKind, NodeConfig, PoolSpec};
 use sqlx::pool::{PoolConnection, PoolConnectionMetadata};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row};
@@ -152,10 +152,15 @@ fn not_writer(node: &str) -> BackendError {
     )
 }
 
-/// `sql::WRITER_CHECK`: is the session's node in recovery?
-async fn in_recovery(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
-    let row = sqlx::raw_sql(sql::WRITER_CHECK).fetch_one(conn).await?;
-    Ok(row.try_get::<Option<String>, _>("v")?.as_deref() != Some("false"))
+/// Runs the access's check query; the inner result is routing-core's verdict on the answer
+/// (`Err(NotWriter)` for a writer session on a node in recovery).
+async fn session_check(
+    conn: &mut PgConnection,
+    access: Access,
+) -> Result<Result<(), ErrorKind>, sqlx::Error> {
+    let row = sqlx::raw_sql(access.check_sql()).fetch_one(conn).await?;
+    let answer = row.try_get::<Option<String>, _>("v")?;
+    Ok(access.judge_check(answer.as_deref()))
 }
 
 impl Backend for SqlxBackend {
@@ -178,8 +183,6 @@ impl Backend for SqlxBackend {
         }
         let opts = options::for_access(opts, access, &settings);
         let refusals = Arc::new(watch::Sender::new(0u64));
-        let pre_ping = settings.pre_ping;
-        let (max_lifetime, idle_timeout) = (settings.max_lifetime, settings.idle_timeout);
 
         let mut pool = PgPoolOptions::new()
             .max_connections(settings.max_size)
@@ -199,21 +202,13 @@ impl Backend for SqlxBackend {
                     }
                     // sqlx enforces these only on release and in a reaper task that runs once
                     // per period, so an idle connection can outlive them by up to a period.
-                    let expired =
-                        |limit: Option<Duration>, d: Duration| limit.is_some_and(|l| d >= l);
-                    if expired(max_lifetime, meta.age) || expired(idle_timeout, meta.idle_for) {
+                    if settings.is_expired(meta.age, meta.idle_for) {
                         return Ok(false);
                     }
-                    if !pre_ping {
+                    if !settings.pre_ping {
                         return Ok(true);
                     }
-                    match access {
-                        Access::ReadWrite => Ok(!in_recovery(conn).await?),
-                        Access::ReadOnly | Access::Probe => {
-                            sqlx::raw_sql(sql::PING).execute(conn).await?;
-                            Ok(true)
-                        }
-                    }
+                    Ok(session_check(conn, access).await?.is_ok())
                 })
             });
         if access == Access::ReadWrite {
@@ -223,7 +218,7 @@ impl Backend for SqlxBackend {
                 let refusals = refusals.clone();
                 let name = name.clone();
                 Box::pin(async move {
-                    if in_recovery(conn).await? {
+                    if session_check(conn, Access::ReadWrite).await?.is_err() {
                         refusals.send_modify(|n| *n = n.wrapping_add(1));
                         return Err(sqlx::Error::Protocol(not_writer(&name).message));
                     }
