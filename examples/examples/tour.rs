@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use routing_core::{
-    Consistency, Error, NodeConfig, RequestContext, RouterConfig, Snapshot, TokenCodec, TokenKey,
+    Consistency, Error, RequestContext, RouterConfig, Snapshot, TokenCodec, TokenKey,
 };
 use routing_redis::RedisMarks;
 use routing_sqlx::{Router, SqlxBackend};
@@ -69,19 +69,9 @@ async fn main() -> Result<(), BoxError> {
         "CREATE TABLE notes (id bigint PRIMARY KEY, body text NOT NULL)",
     )?;
 
-    let nodes: Vec<NodeConfig> = (0..3)
-        .map(|i| {
-            let name = cluster.node(i).name().to_string();
-            if i == 0 {
-                NodeConfig::writer(name, cluster.url(i))
-            } else {
-                NodeConfig::replica(name, cluster.url(i))
-            }
-        })
-        .collect();
     let marks = RedisMarks::new(cluster.redis_url().ok_or("no redis")?.as_str())?;
     let router: Router = Router::builder(SqlxBackend::new())
-        .nodes(nodes)
+        .nodes(cluster.node_configs())
         .config(RouterConfig {
             default_consistency: Consistency::ReadYourWrites,
             ..RouterConfig::default()

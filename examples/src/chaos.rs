@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use routing_core::{
-    Backend, Consistency, LagBounds, NodeConfig, RequestContext, Router, RouterConfig, TokenCodec,
-    TokenKey, WriterMarks,
+    Backend, Consistency, LagBounds, RequestContext, Router, RouterConfig, TokenCodec, TokenKey,
+    WriterMarks,
 };
 use routing_testkit::{Cluster, ClusterBuilder};
 use serde::Serialize;
@@ -266,18 +266,8 @@ async fn run_one<H: ChaosBackend>(
     .await?;
 
     let redis = cluster.redis_url().ok_or("the cluster has no Redis")?;
-    let nodes: Vec<NodeConfig> = (0..cluster.nodes().len())
-        .map(|i| {
-            let name = cluster.node(i).name().to_string();
-            if i == 0 {
-                NodeConfig::writer(name, cluster.url(i))
-            } else {
-                NodeConfig::replica(name, cluster.url(i))
-            }
-        })
-        .collect();
     let router = Router::builder(H::backend())
-        .nodes(nodes)
+        .nodes(cluster.node_configs())
         .config(checker_config())
         .consistency(mode.consistency())
         .marks(marks(redis).await)

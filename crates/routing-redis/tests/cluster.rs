@@ -11,24 +11,10 @@ use std::time::{Duration, Instant};
 
 use redis_cluster::RedisCluster;
 use routing_redis::{Lsn, RedisMarks, RestartPolicy, UserKey, WriterMarks};
-use support::{blocking, unique_prefix};
+use support::{blocking, unique_prefix, until_ok};
 
 const MIN: Duration = Duration::from_secs(60);
 const TIMEOUT: Duration = Duration::from_millis(50);
-
-async fn until_ok<T, Fut>(what: &str, limit: Duration, mut op: impl FnMut() -> Fut) -> (T, Duration)
-where
-    Fut: std::future::Future<Output = Result<T, routing_redis::MarksError>>,
-{
-    let t = Instant::now();
-    loop {
-        match op().await {
-            Ok(v) => return (v, t.elapsed()),
-            Err(e) if t.elapsed() > limit => panic!("{what} still failing after {limit:?}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn marks_on_a_redis_cluster() {

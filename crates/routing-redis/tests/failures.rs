@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use routing_redis::{Lsn, RedisMarks, RestartPolicy, UserKey, WriterMarks};
 use routing_testkit::{Cluster, ClusterBuilder, FaultProxy, ProxyMode};
-use support::{blocking, unique_prefix};
+use support::{blocking, unique_prefix, until_ok};
 
 const TIMEOUT: Duration = routing_redis::DEFAULT_TIMEOUT;
 const UPDATE_TIMEOUT: Duration = routing_redis::DEFAULT_UPDATE_TIMEOUT;
@@ -55,22 +55,6 @@ where
     }
     println!("{what} failed in {times:?} (timeout {budget:?})");
     times
-}
-
-/// Polls `op` until it succeeds; returns how long that took.
-async fn until_ok<T, F, Fut>(what: &str, limit: Duration, mut op: F) -> (T, Duration)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, routing_redis::MarksError>>,
-{
-    let t = Instant::now();
-    loop {
-        match op().await {
-            Ok(v) => return (v, t.elapsed()),
-            Err(e) if t.elapsed() > limit => panic!("{what} still failing after {limit:?}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use routing_redis::{Lsn, Mark, MarksError, RedisMarks, RestartPolicy, UserKey, WriterMarks};
 use routing_sqlx::sqlx;
-use routing_sqlx::{Consistency, NodeConfig, RequestContext, Router, RouterConfig, SqlxBackend};
+use routing_sqlx::{Consistency, RequestContext, Router, RouterConfig, SqlxBackend};
 use routing_testkit::{Cluster, ClusterBuilder};
 use support::{blocking, unique_prefix};
 
@@ -99,15 +99,8 @@ struct Log {
 }
 
 async fn router(c: &Cluster, marks: Traced) -> Router {
-    let nodes = (0..c.nodes().len()).map(|i| {
-        if i == c.primary() {
-            NodeConfig::writer(format!("n{i}"), c.url(i))
-        } else {
-            NodeConfig::replica(format!("n{i}"), c.url(i))
-        }
-    });
     Router::builder(SqlxBackend::new())
-        .nodes(nodes)
+        .nodes(c.node_configs())
         .config(RouterConfig {
             default_consistency: Consistency::ReadYourWrites,
             probe_interval: Duration::from_millis(50),

@@ -21,15 +21,8 @@ fn fast_config() -> RouterConfig {
 }
 
 async fn router(c: &Cluster) -> Router {
-    let nodes = (0..c.nodes().len()).map(|i| {
-        if i == c.primary() {
-            NodeConfig::writer(format!("n{i}"), c.url(i))
-        } else {
-            NodeConfig::replica(format!("n{i}"), c.url(i))
-        }
-    });
     Router::builder(SqlxBackend::new())
-        .nodes(nodes)
+        .nodes(c.node_configs())
         .config(fast_config())
         .build()
         .await

@@ -716,6 +716,22 @@ impl Cluster {
         )
     }
 
+    /// Every node as a router sees it: the current primary as a writer candidate, the others as
+    /// replicas, named like the kit's nodes (`pg0`, `pg1`, ...), over [`Cluster::url`].
+    pub fn node_configs(&self) -> Vec<routing_core::NodeConfig> {
+        let primary = self.primary();
+        (0..self.nodes.len())
+            .map(|i| {
+                let (name, url) = (self.nodes[i].name().to_string(), self.url(i));
+                if i == primary {
+                    routing_core::NodeConfig::writer(name, url)
+                } else {
+                    routing_core::NodeConfig::replica(name, url)
+                }
+            })
+            .collect()
+    }
+
     /// Runs SQL on node `i` with `psql -XAtq -v ON_ERROR_STOP=1` and returns its trimmed output
     /// (rows one per line, columns separated by `|`).
     pub fn psql(&self, i: usize, sql: &str) -> Result<String, KitError> {

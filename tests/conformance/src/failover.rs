@@ -349,7 +349,7 @@ async fn failover_round<H: Harness>(fault: Fault, round: usize) -> Round {
     let (old, new) = (0, 1);
     let (old_name, new_name) = (c.node(old).name(), c.node(new).name());
     let proxy = (fault == Fault::Blackhole).then(|| kit(|| c.proxy(old)).expect("fault proxy"));
-    let mut nodes = node_configs(&c);
+    let mut nodes = c.node_configs();
     if let Some(p) = &proxy {
         let url = format!("postgres://postgres@127.0.0.1:{}/postgres", p.port());
         nodes[old] = NodeConfig::writer(old_name, url);
@@ -778,20 +778,8 @@ async fn reads_avoid<B: Backend>(r: &Router<B>, c: &Cluster, victim: usize, coun
 /// sampled from the router's snapshots throughout, changes exactly four times (out, in, out, in):
 /// no flapping.
 pub async fn lag_exclusion_has_hysteresis<H: Harness>() {
-    let c = own_cluster();
     let bound = Duration::from_millis(300);
-    let config = RouterConfig {
-        lag: LagBounds {
-            max_bytes: None,
-            max_time: Some(bound),
-            readmit_ratio: 0.5,
-        },
-        ..test_config()
-    };
-    let r = router::<H>(&c, config).await;
-    let t = table("hysteresis");
-    create_table(&r, &t).await;
-    kit(|| c.wait_replicated(Duration::from_secs(10))).expect("replicated");
+    let (c, r, t) = lag_setup::<H>("hysteresis", bound).await;
     let victim = 1;
     wait_until("the replica to be readable", Duration::from_secs(5), || {
         r.snapshot().nodes[victim].is_readable_replica(Instant::now())

@@ -197,26 +197,13 @@ fn test_config() -> RouterConfig {
     }
 }
 
-fn node_configs(c: &Cluster) -> Vec<NodeConfig> {
-    (0..c.nodes().len())
-        .map(|i| {
-            let name = c.node(i).name().to_string();
-            if i == 0 {
-                NodeConfig::writer(name, c.url(i))
-            } else {
-                NodeConfig::replica(name, c.url(i))
-            }
-        })
-        .collect()
-}
-
 fn codec() -> TokenCodec {
     TokenCodec::new(TokenKey::new(1, "conformance-test-key-0123456789").expect("token key"))
 }
 
 async fn router<H: Harness>(c: &Cluster, config: RouterConfig) -> Router<H::B> {
     Router::builder(H::backend())
-        .nodes(node_configs(c))
+        .nodes(c.node_configs())
         .config(config)
         .tokens(codec())
         .build()
@@ -740,11 +727,10 @@ pub async fn causal_tokens_never_read_stale<H: Harness>() {
 // Health: lag, death, failover
 // ---------------------------------------------------------------------------------------------
 
-/// A replica whose replay is paused is excluded once its lag passes the bound, and re-admitted
-/// after replay resumes.
-pub async fn lagging_replica_is_excluded_and_readmitted<H: Harness>() {
+/// An own cluster, a router whose replicas are excluded past `bound` of time lag (readmitted
+/// below half of it), and a fresh table replicated everywhere.
+async fn lag_setup<H: Harness>(tag: &str, bound: Duration) -> (Cluster, Router<H::B>, String) {
     let c = own_cluster();
-    let bound = Duration::from_millis(400);
     let config = RouterConfig {
         lag: LagBounds {
             max_bytes: None,
@@ -754,9 +740,17 @@ pub async fn lagging_replica_is_excluded_and_readmitted<H: Harness>() {
         ..test_config()
     };
     let r = router::<H>(&c, config).await;
-    let t = table("lag");
+    let t = table(tag);
     create_table(&r, &t).await;
     kit(|| c.wait_replicated(Duration::from_secs(10))).expect("replicated");
+    (c, r, t)
+}
+
+/// A replica whose replay is paused is excluded once its lag passes the bound, and re-admitted
+/// after replay resumes.
+pub async fn lagging_replica_is_excluded_and_readmitted<H: Harness>() {
+    let bound = Duration::from_millis(400);
+    let (c, r, t) = lag_setup::<H>("lag", bound).await;
     let churn = churn(&r, t.clone());
 
     let victim = 1;
@@ -832,7 +826,7 @@ pub async fn killed_replica_stops_receiving_reads<H: Harness>() {
         cands.iter().position(|x| x.node == victim).unwrap_or(0)
     };
     let r = Router::builder(H::backend())
-        .nodes(node_configs(&c))
+        .nodes(c.node_configs())
         .config(config)
         .picker(prefer_victim)
         .build()
@@ -900,7 +894,7 @@ pub async fn killed_replica_stops_receiving_reads<H: Harness>() {
     // 3. Killed again, under a router whose monitor is too slow to notice in time: reads right
     //    away still succeed, at the cost of exactly one failed checkout on the dead node.
     let slow = Router::builder(H::backend())
-        .nodes(node_configs(&c))
+        .nodes(c.node_configs())
         .config(RouterConfig {
             probe_interval: Duration::from_secs(30),
             ..test_config()

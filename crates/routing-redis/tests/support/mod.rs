@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use routing_redis::{RedisMarks, RedisMarksBuilder, RestartPolicy};
 
@@ -55,4 +55,21 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
     tokio::task::spawn_blocking(f)
         .await
         .expect("spawn_blocking")
+}
+
+/// Polls `op` until it succeeds; returns how long that took.
+#[allow(dead_code)] // not every test binary polls
+pub async fn until_ok<T, F, Fut>(what: &str, limit: Duration, mut op: F) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, routing_redis::MarksError>>,
+{
+    let t = Instant::now();
+    loop {
+        match op().await {
+            Ok(v) => return (v, t.elapsed()),
+            Err(e) if t.elapsed() > limit => panic!("{what} still failing after {limit:?}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
 }
