@@ -22,23 +22,55 @@ pub enum Access {
 }
 
 impl Access {
-    /// The query that validates a session of this access: at connect for writers (the node must
-    /// not be in recovery) and at checkout when pre-ping is on.
+    /// The query that validates a session of this access, at connect and at checkout when
+    /// pre-ping is on: writers must not be in recovery, readers must be read-only.
     pub fn check_sql(self) -> &'static str {
         match self {
             Access::ReadWrite => sql::WRITER_CHECK,
-            Access::ReadOnly | Access::Probe => sql::PING,
+            Access::ReadOnly => sql::READ_ONLY_CHECK,
+            Access::Probe => sql::PING,
         }
     }
 
     /// Judges the answer to [`Access::check_sql`]: `Ok`, or the kind of error to refuse the
-    /// session with ([`ErrorKind::NotWriter`] for a writer session on a node in recovery).
+    /// session with ([`ErrorKind::NotWriter`] for a writer session on a node in recovery,
+    /// [`ErrorKind::Config`] for a reader session that is not read-only: the read-only default
+    /// did not reach the server, for example through a pooler that drops startup options).
     pub fn judge_check(self, answer: Option<&str>) -> Result<(), ErrorKind> {
         match (self, answer) {
             (Access::ReadWrite, Some("false")) => Ok(()),
             (Access::ReadWrite, Some("true")) => Err(ErrorKind::NotWriter),
             (Access::ReadWrite, _) => Err(ErrorKind::Query),
-            (Access::ReadOnly | Access::Probe, _) => Ok(()),
+            (Access::ReadOnly, Some("on")) => Ok(()),
+            (Access::ReadOnly, _) => Err(ErrorKind::Config),
+            (Access::Probe, _) => Ok(()),
+        }
+    }
+
+    /// Whether a new session of this access runs [`Access::check_sql`] before it is pooled.
+    pub fn checks_at_connect(self) -> bool {
+        matches!(self, Access::ReadWrite | Access::ReadOnly)
+    }
+
+    /// The batch that resets a returned session of this access (see [`sql::RESET`]).
+    pub fn reset_sql(self) -> &'static str {
+        match self {
+            Access::ReadWrite => sql::RESET,
+            Access::ReadOnly | Access::Probe => sql::RESET_READER,
+        }
+    }
+
+    /// Why a session failed [`Access::judge_check`], for the error message.
+    pub fn check_failure(self, answer: Option<&str>) -> String {
+        match self {
+            Access::ReadWrite if answer == Some("true") => {
+                "node is in recovery (not the primary)".to_string()
+            }
+            Access::ReadOnly => format!(
+                "reader session is not read-only (default_transaction_read_only = {answer:?}): \
+                 the startup option did not reach the server"
+            ),
+            _ => format!("unexpected session check answer {answer:?}"),
         }
     }
 }
@@ -55,20 +87,89 @@ impl PoolSettings {
 /// Queries the adapters run on the router's behalf. Every function and operator is
 /// schema-qualified, so objects an attacker creates in `public` are never called (`COALESCE` and
 /// `CASE` are syntax, not functions: `pg_catalog.coalesce` does not exist).
-/// Each returns one text column named `v`.
+/// Queries (not batches) return one text column named `v`.
 pub mod sql {
     /// Checkout/connect check of writer sessions: must answer `false`.
     pub const WRITER_CHECK: &str = "SELECT pg_catalog.pg_is_in_recovery()::pg_catalog.text AS v";
-    /// Checkout ping of reader sessions.
+    /// Connect/checkout check of reader sessions: must answer `on` (the read-only default that
+    /// travels in the startup packet took effect; a pooler in between may have dropped it).
+    pub const READ_ONLY_CHECK: &str =
+        "SELECT pg_catalog.current_setting('default_transaction_read_only') AS v";
+    /// Checkout ping of probe sessions.
     pub const PING: &str = "SELECT '1'::pg_catalog.text AS v";
-    /// The session's WAL position after a commit: the LSN a reader must reach to see that commit.
-    pub const COMMIT_LSN: &str = "SELECT pg_catalog.pg_current_wal_lsn()::pg_catalog.text AS v";
-    /// COMMIT and the WAL position after it, in one simple-protocol round trip. The SELECT runs
-    /// after the COMMIT (a LSN read inside the transaction would precede the commit record).
+
+    /// The WAL position that covers the session's last commit, as `pg_lsn`: the insert position
+    /// (with `synchronous_commit = off` the write position can precede the commit record), moved
+    /// back over a page header it points just past (a replica that replayed a record ending at
+    /// a page boundary reports the boundary). NULL while a transaction that wrote is still open,
+    /// since a position read then precedes its commit. PostgreSQL 14+ (`pg_lsn - numeric`).
+    macro_rules! commit_lsn {
+        ($cast:literal) => {
+            concat!(
+                "SELECT (CASE WHEN pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL THEN NULL \
+                 WHEN p.o OPERATOR(pg_catalog.=) 24 \
+                   OR (p.o OPERATOR(pg_catalog.=) 40 AND p.s OPERATOR(pg_catalog.=) 40) \
+                 THEN p.i OPERATOR(pg_catalog.-) p.o ELSE p.i END)",
+                $cast,
+                " AS v FROM (SELECT l.i, \
+                 (l.i OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn) OPERATOR(pg_catalog.%) \
+                   pg_catalog.current_setting('wal_block_size')::pg_catalog.numeric AS o, \
+                 (l.i OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn) OPERATOR(pg_catalog.%) \
+                   pg_catalog.pg_size_bytes(pg_catalog.current_setting('wal_segment_size')) AS s \
+                 FROM (SELECT pg_catalog.pg_current_wal_insert_lsn() AS i) AS l) AS p"
+            )
+        };
+    }
+    /// The commit LSN (see `commit_lsn!`) as text.
+    pub const COMMIT_LSN: &str = commit_lsn!("::pg_catalog.text");
+    /// The commit LSN as a `pg_lsn` value, for drivers with a native type.
+    pub const COMMIT_LSN_TYPED: &str = commit_lsn!("");
+    /// Starts a batch that ends in COMMIT or ROLLBACK: quiets the warning an idle session would
+    /// get for it (a multi-statement batch runs as one implicit transaction, which `SET LOCAL`
+    /// joins and the COMMIT/ROLLBACK ends). In an aborted transaction it fails with 25P02
+    /// instead, which is how such a batch tells an aborted transaction apart.
+    macro_rules! quiet {
+        () => {
+            "SET LOCAL client_min_messages = error; "
+        };
+    }
+    /// Everything a returned session's reset does; see [`RESET`].
+    macro_rules! reset {
+        () => {
+            concat!(
+                quiet!(),
+                "ROLLBACK; CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; ",
+                "SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
+            )
+        };
+    }
+    /// Commits the open transaction. Fails (25P02) instead of answering `ROLLBACK` when the
+    /// transaction was aborted by an earlier error, so such a COMMIT is never taken for success.
+    pub const COMMIT: &str = concat!(quiet!(), "COMMIT");
+    /// [`COMMIT`] and the commit LSN, in one simple-protocol round trip.
     pub const COMMIT_THEN_LSN: &str =
-        "COMMIT; SELECT pg_catalog.pg_current_wal_lsn()::pg_catalog.text AS v";
+        concat!(quiet!(), "COMMIT; ", commit_lsn!("::pg_catalog.text"));
+    /// Opens a transaction (the closure API's).
+    pub const BEGIN: &str = "BEGIN";
+    /// Ends whatever transaction is open, aborted or not (in an aborted one, the only way out).
+    pub const ROLLBACK: &str = "ROLLBACK";
+    /// Returns a session to the state it had after connect, whatever its last holder did: ends
+    /// an open transaction, closes cursors, restores the login role and every setting to its
+    /// connect-time value (so a reader's read-only default, sent in the startup packet, comes
+    /// back), drops LISTENs, advisory locks, temporary tables and cached sequence values.
+    /// Prepared statements stay: the drivers cache them by name.
+    pub const RESET: &str = reset!();
+    /// [`RESET`] for reader sessions, which then also proves the session is read-only again.
+    pub const RESET_READER: &str = concat!(
+        reset!(),
+        "; DO $routing$BEGIN IF pg_catalog.current_setting('default_transaction_read_only') ",
+        "OPERATOR(pg_catalog.<>) 'on' THEN RAISE EXCEPTION ",
+        "'routing: reader session is not read-only after reset'; END IF; END$routing$"
+    );
     /// A replica's replay position (NULL on a primary).
     pub const REPLAY_LSN: &str = "SELECT pg_catalog.pg_last_wal_replay_lsn()::pg_catalog.text AS v";
+    /// [`REPLAY_LSN`] as a `pg_lsn` value, for drivers with a native type.
+    pub const REPLAY_LSN_TYPED: &str = "SELECT pg_catalog.pg_last_wal_replay_lsn() AS v";
     /// The monitor's probe; parsed by `crate::probe::ProbeReport::parse`.
     pub const PROBE: &str = "SELECT pg_catalog.concat_ws(' ', \
         r::pg_catalog.text, \
@@ -79,7 +180,8 @@ pub mod sql {
             ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END, '-'), \
         COALESCE((SELECT s.system_identifier FROM pg_catalog.pg_control_system() s)::pg_catalog.text, '-')) AS v \
         FROM (SELECT pg_catalog.pg_is_in_recovery() AS r) AS probe";
-    /// Session setting that makes a reader session refuse writes at the server.
+    /// Session setting that makes a reader session refuse writes at the server. Adapters send
+    /// it in the startup packet, so `RESET ALL` and `DISCARD ALL` restore it rather than undo it.
     pub const READ_ONLY_SETTING: (&str, &str) = ("default_transaction_read_only", "on");
 }
 
@@ -178,6 +280,25 @@ pub trait Backend: Send + Sync + 'static {
         sql: &'a str,
     ) -> impl Future<Output = Result<u64, BackendError>> + Send + 'a;
 
+    /// Runs a batch of statements separated by `;` in one simple-protocol round trip, as one
+    /// implicit transaction, discarding any rows. Used for the session reset and COMMIT.
+    fn execute_batch<'a>(
+        pooled: &'a mut Self::Pooled,
+        sql: &'a str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + 'a;
+
+    /// Marks a session so that it is closed when dropped, never returned to its pool: the
+    /// router could not make it clean for the next holder.
+    fn discard(pooled: &mut Self::Pooled);
+
+    /// Whether the driver's own bookkeeping lets the session be reused after a reset (for
+    /// example: no transaction the driver's transaction manager still believes open, which a
+    /// server-side ROLLBACK would not tell it about). Costs no round trip.
+    fn reusable(pooled: &mut Self::Pooled) -> bool {
+        let _ = pooled;
+        true
+    }
+
     /// Classifies a driver error from application queries.
     fn classify(err: &Self::QueryError) -> ErrorKind;
 
@@ -189,23 +310,25 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
-    /// The session's WAL position (`pg_current_wal_lsn()`): run right after a COMMIT on the
-    /// primary, the LSN a replica must replay to show that commit. The default reads
-    /// [`sql::COMMIT_LSN`] as text; drivers with a native `pg_lsn` type may read it typed.
+    /// The WAL position that covers the session's last commit ([`sql::COMMIT_LSN`]): run right
+    /// after a COMMIT on the primary, the LSN a replica must replay to show that commit. `None`
+    /// while a transaction that wrote is still open. The default reads it as text; drivers with
+    /// a native `pg_lsn` type may read [`sql::COMMIT_LSN_TYPED`].
     fn current_wal_lsn(
         pooled: &mut Self::Pooled,
     ) -> impl Future<Output = Result<Option<Lsn>, BackendError>> + Send + '_ {
         async move { parse_lsn(Self::query_text(pooled, sql::COMMIT_LSN).await?) }
     }
 
-    /// Commits the session's open transaction and returns the WAL position after the commit.
-    /// The default takes two round trips; drivers that can send [`sql::COMMIT_THEN_LSN`] as one
-    /// simple-protocol query should override it to take one.
+    /// Commits the session's open transaction ([`sql::COMMIT`], which fails rather than
+    /// answering ROLLBACK for an aborted transaction) and returns the commit LSN. The default
+    /// takes two round trips; drivers that can send [`sql::COMMIT_THEN_LSN`] as one
+    /// simple-protocol query and read its last row should override it to take one.
     fn commit_returning_lsn(
         pooled: &mut Self::Pooled,
     ) -> impl Future<Output = Result<Option<Lsn>, BackendError>> + Send + '_ {
         async move {
-            Self::execute(pooled, "COMMIT").await?;
+            Self::execute_batch(pooled, sql::COMMIT).await?;
             Self::current_wal_lsn(pooled).await
         }
     }

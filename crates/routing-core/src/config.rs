@@ -28,6 +28,12 @@ pub struct NodeConfig {
     pub region: Option<Region>,
     /// Relative share of reads for weighted pickers (0 = never picked while others are eligible).
     pub weight: u32,
+    /// Connection string for this node's read sessions, when they should log in as another
+    /// role than `url`'s: a role that may only read (for example one granted
+    /// `pg_read_all_data` and nothing else). The read-only session default cannot stop a
+    /// `BEGIN READ WRITE` on the primary; such a role makes every write through a read session
+    /// fail at the server. `None`: read sessions use `url`.
+    pub reader_url: Option<ConnString>,
 }
 
 impl NodeConfig {
@@ -48,6 +54,7 @@ impl NodeConfig {
             role,
             region: None,
             weight: 1,
+            reader_url: None,
         }
     }
 
@@ -55,6 +62,22 @@ impl NodeConfig {
     pub fn region(mut self, region: impl Into<Region>) -> Self {
         self.region = Some(region.into());
         self
+    }
+
+    /// Read sessions on this node log in with this connection string (see
+    /// [`NodeConfig::reader_url`]): the only read-only guard on the primary that a
+    /// `BEGIN READ WRITE` cannot bypass.
+    pub fn reader_url(mut self, url: impl Into<ConnString>) -> Self {
+        self.reader_url = Some(url.into());
+        self
+    }
+
+    /// The connection string for sessions of this access.
+    pub fn url_for(&self, access: crate::Access) -> &ConnString {
+        match (access, &self.reader_url) {
+            (crate::Access::ReadOnly, Some(url)) => url,
+            _ => &self.url,
+        }
     }
 
     /// Sets the weight.

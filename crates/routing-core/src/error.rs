@@ -50,6 +50,19 @@ impl ErrorKind {
             _ => None,
         }
     }
+
+    /// The kind a server's (English) message implies where its SQLSTATE does not say it, for
+    /// drivers that drop the code and for codes that are too broad: a standby refuses
+    /// `BEGIN READ WRITE` or `SET transaction_read_only = off` with 0A000 ("cannot set
+    /// transaction read-write mode during recovery"), which is a write through a read session.
+    pub fn from_server_message(message: &str) -> Option<ErrorKind> {
+        let m = message.to_ascii_lowercase();
+        if m.contains("read-only transaction") || m.contains("read-write mode during recovery") {
+            Some(ErrorKind::ReadOnly)
+        } else {
+            None
+        }
+    }
 }
 
 /// A driver error, classified, with passwords redacted from its text.
@@ -68,12 +81,19 @@ pub struct BackendError {
 }
 
 impl BackendError {
-    /// Builds one; `message` is redacted here so adapters cannot forget.
+    /// Builds one; `message` is redacted here so adapters cannot forget. A plain
+    /// [`ErrorKind::Query`] whose message names a read-only refusal becomes
+    /// [`ErrorKind::ReadOnly`] (see [`ErrorKind::from_server_message`]).
     pub fn new(kind: ErrorKind, message: impl AsRef<str>) -> Self {
+        let message = message.as_ref();
+        let kind = match kind {
+            ErrorKind::Query => ErrorKind::from_server_message(message).unwrap_or(kind),
+            other => other,
+        };
         BackendError {
             kind,
             sqlstate: None,
-            message: crate::secret::redact(message.as_ref()),
+            message: crate::secret::redact(message),
             source: None,
         }
     }
@@ -87,6 +107,15 @@ impl BackendError {
         }
         self.sqlstate = Some(code);
         self
+    }
+
+    /// Did the statement fail because the session's transaction was already aborted by an
+    /// earlier error (SQLSTATE 25P02, or its message where the driver dropped the code)?
+    pub fn is_aborted_transaction(&self) -> bool {
+        self.sqlstate.as_deref() == Some("25P02")
+            || self
+                .message
+                .contains("current transaction is aborted, commands ignored")
     }
 
     /// Attaches the driver's error.
@@ -141,6 +170,17 @@ pub enum Error {
         /// Driver error.
         #[source]
         source: BackendError,
+    },
+    /// The work was not committed, and nothing of it was written: the transaction was aborted
+    /// by an earlier error (PostgreSQL answers such a COMMIT with ROLLBACK), or `finish` was
+    /// called while a transaction that wrote was still open (it is rolled back when the session
+    /// returns to the pool). No mark was set and no token issued.
+    #[error("nothing was committed on {node}: {reason}")]
+    NotCommitted {
+        /// The primary.
+        node: String,
+        /// Why.
+        reason: String,
     },
     /// The client's causal token was rejected.
     #[error("causal token rejected: {0}")]

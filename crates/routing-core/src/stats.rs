@@ -46,6 +46,11 @@ counters! {
     reprobes_requested,
     /// Reads that `read_retrying` ran a second time, on another node, after a connection failure.
     read_retries,
+    /// Sessions reset after use and returned to their pool.
+    sessions_reset,
+    /// Sessions closed after use because they could not be reset (broken, a reset that failed
+    /// or timed out, or a driver still tracking an open transaction).
+    sessions_discarded,
 }
 
 impl RouterStats {

@@ -47,6 +47,12 @@ impl Backend for Refusing {
         unreachable!("no session is ever handed out")
     }
 
+    async fn execute_batch<'a>(_: &'a mut Box<()>, _: &'a str) -> Result<(), BackendError> {
+        unreachable!("no session is ever handed out")
+    }
+
+    fn discard(_: &mut Box<()>) {}
+
     fn classify(_: &Never) -> ErrorKind {
         ErrorKind::Query
     }

@@ -44,6 +44,12 @@ impl Backend for Primary {
         Ok(0)
     }
 
+    async fn execute_batch<'a>(_: &'a mut Box<()>, _: &'a str) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn discard(_: &mut Box<()>) {}
+
     fn classify(e: &CodedError) -> ErrorKind {
         if e.0 == "25006" {
             ErrorKind::ReadOnly

@@ -9,7 +9,9 @@ use bb8::ManageConnection;
 use diesel::OptionalExtension;
 use diesel::QueryableByName;
 use diesel::sql_types::{Nullable, Text};
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, PoolError};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, PoolError, PoolableConnection,
+};
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use routing_core::{
     Access, Backend, BackendError, Epoch, ErrorKind, Lsn, PoolSettings, PoolSpec, sql,
@@ -119,6 +121,8 @@ struct Conn {
     generation: u64,
     born: Instant,
     label: Arc<str>,
+    /// Set by [`Backend::discard`]: closed when returned, never reused.
+    discarded: bool,
 }
 
 /// A connect failure, kept so checkouts waiting on the pool fail at once with the cause instead
@@ -197,6 +201,7 @@ impl ManageConnection for Manager {
                 generation,
                 born: Instant::now(),
                 label: s.label.clone(),
+                discarded: false,
             }),
             Err(e) => {
                 tracing::debug!(node = %s.node, access = ?s.access, error = %e, "connect failed");
@@ -234,7 +239,7 @@ impl ManageConnection for Manager {
 
     fn has_broken(&self, c: &mut Conn) -> bool {
         // diesel-async: the socket closed, or a diesel-managed transaction was left open/failed.
-        self.inner.has_broken(&mut c.conn)
+        c.discarded || self.inner.has_broken(&mut c.conn)
     }
 }
 
@@ -259,7 +264,7 @@ async fn text_query(
 }
 
 /// Runs the access's check query and applies routing-core's verdict (a writer session on a node
-/// in recovery is refused with `NotWriter`).
+/// in recovery is refused with `NotWriter`, a reader session that is not read-only with `Config`).
 async fn session_check(
     label: &str,
     access: Access,
@@ -267,10 +272,7 @@ async fn session_check(
 ) -> Result<(), BackendError> {
     let answer = text_query(label, conn, access.check_sql()).await?;
     access.judge_check(answer.as_deref()).map_err(|kind| {
-        let why = match kind {
-            ErrorKind::NotWriter => "node is in recovery (not the primary)".to_string(),
-            _ => format!("unexpected session check answer {answer:?}"),
-        };
+        let why = access.check_failure(answer.as_deref());
         BackendError::new(kind, format!("{label}: {why}"))
     })
 }
@@ -288,6 +290,23 @@ async fn establish(setup: Arc<Setup>, url: String) -> Result<AsyncPgConnection, 
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(setup.connect_timeout);
     }
+    // Session defaults travel in the startup packet: `RESET ALL` and `DISCARD ALL` restore
+    // them rather than undo them, which a `SET` after connect would not survive.
+    let mut options: Vec<String> = config
+        .get_options()
+        .map(str::to_string)
+        .into_iter()
+        .collect();
+    if matches!(setup.access, Access::ReadOnly | Access::Probe) {
+        let (name, value) = sql::READ_ONLY_SETTING;
+        options.push(format!("-c {name}={value}"));
+    }
+    if let Some(t) = setup.statement_timeout {
+        options.push(format!("-c statement_timeout={}", t.as_millis().max(1)));
+    }
+    if !options.is_empty() {
+        config.options(options.join(" "));
+    }
     let (client, connection) = config
         .connect(tokio_postgres::NoTls)
         .await
@@ -295,21 +314,8 @@ async fn establish(setup: Arc<Setup>, url: String) -> Result<AsyncPgConnection, 
     let mut conn = AsyncPgConnection::try_from_client_and_connection(client, connection)
         .await
         .map_err(|e| error::from_connection_error(label, e))?;
-    let mut session = Vec::new();
-    if matches!(setup.access, Access::ReadOnly | Access::Probe) {
-        let (name, value) = sql::READ_ONLY_SETTING;
-        session.push(format!("SET {name} = {value}"));
-    }
-    if let Some(t) = setup.statement_timeout {
-        session.push(format!("SET statement_timeout = {}", t.as_millis().max(1)));
-    }
-    if !session.is_empty() {
-        conn.batch_execute(&session.join("; "))
-            .await
-            .map_err(|e| error::query_error(label, e))?;
-    }
-    if setup.access == Access::ReadWrite {
-        session_check(label, Access::ReadWrite, &mut conn).await?;
+    if setup.access.checks_at_connect() {
+        session_check(label, setup.access, &mut conn).await?;
     }
     Ok(conn)
 }
@@ -440,6 +446,28 @@ impl Backend for DieselBackend {
             .map_err(|e| error::query_error(&c.label, e))
     }
 
+    async fn execute_batch<'a>(
+        pooled: &'a mut PooledConn,
+        sql: &'a str,
+    ) -> Result<(), BackendError> {
+        let c = &mut *pooled.inner;
+        c.conn
+            .batch_execute(sql)
+            .await
+            .map_err(|e| error::query_error(&c.label, e))
+    }
+
+    fn discard(pooled: &mut PooledConn) {
+        pooled.inner.discarded = true;
+    }
+
+    /// A diesel transaction left open (its future dropped) is still open to diesel's transaction
+    /// manager; a server-side ROLLBACK would not tell it, and its next `transaction()` would only
+    /// open a savepoint.
+    fn reusable(pooled: &mut PooledConn) -> bool {
+        !pooled.inner.conn.is_broken()
+    }
+
     fn classify(err: &diesel::result::Error) -> ErrorKind {
         error::classify(err)
     }
@@ -451,9 +479,8 @@ impl Backend for DieselBackend {
     /// Read as diesel's binary `PgLsn`, not text.
     async fn current_wal_lsn(pooled: &mut PooledConn) -> Result<Option<Lsn>, BackendError> {
         let c = &mut *pooled.inner;
-        crate::lsn::current_wal_lsn(&mut c.conn)
+        crate::lsn::commit_lsn(&mut c.conn)
             .await
-            .map(Some)
             .map_err(|e| error::query_error(&c.label, e))
     }
 }

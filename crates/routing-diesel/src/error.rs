@@ -59,10 +59,9 @@ fn classify_message(message: &str) -> Option<ErrorKind> {
     {
         // 57P01/57P02/57P03 and friends: the session is gone
         Some(ErrorKind::Connection)
-    } else if m.contains("read-only transaction") {
-        Some(ErrorKind::ReadOnly)
     } else {
-        None
+        // Read-only refusals, including a standby's "read-write mode during recovery".
+        ErrorKind::from_server_message(&m)
     }
 }
 

@@ -85,7 +85,7 @@ mod lsn;
 
 pub use backend::{DieselBackend, DieselPool, PooledConn};
 pub use error::classify;
-pub use lsn::{current_wal_lsn, from_pg_lsn, replay_lsn, to_pg_lsn};
+pub use lsn::{commit_lsn, from_pg_lsn, replay_lsn, to_pg_lsn};
 
 pub use bb8;
 pub use diesel;

@@ -4,7 +4,7 @@ use diesel::QueryableByName;
 use diesel::pg::data_types::PgLsn;
 use diesel::sql_types::{Nullable, PgLsn as PgLsnSql};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use routing_core::Lsn;
+use routing_core::{Lsn, sql};
 
 /// diesel's `pg_lsn` value as routing-core's [`Lsn`].
 pub fn from_pg_lsn(lsn: PgLsn) -> Lsn {
@@ -27,18 +27,17 @@ async fn lsn_query(conn: &mut AsyncPgConnection, sql: &str) -> diesel::QueryResu
     Ok(row.v.map(from_pg_lsn))
 }
 
-/// The session's current WAL position (`pg_current_wal_lsn()`, read as a binary `pg_lsn`).
-/// Run right after a COMMIT on the primary it is the commit LSN a replica must replay to show
-/// that commit; this is what [`routing_core::WriteConn::finish`] records for this backend.
-pub async fn current_wal_lsn(conn: &mut AsyncPgConnection) -> diesel::QueryResult<Lsn> {
-    lsn_query(conn, "SELECT pg_catalog.pg_current_wal_lsn() AS v")
-        .await?
-        .ok_or(diesel::result::Error::NotFound)
+/// The WAL position that covers the session's last commit ([`routing_core::sql::COMMIT_LSN`],
+/// read as a binary `pg_lsn`): run right after a COMMIT on the primary, the LSN a replica must
+/// replay to show that commit; this is what [`routing_core::WriteConn::finish`] records for this
+/// backend. `None` while a transaction that wrote is still open.
+pub async fn commit_lsn(conn: &mut AsyncPgConnection) -> diesel::QueryResult<Option<Lsn>> {
+    lsn_query(conn, sql::COMMIT_LSN_TYPED).await
 }
 
 /// A replica's replay position (`pg_last_wal_replay_lsn()`); `None` on a primary.
 pub async fn replay_lsn(conn: &mut AsyncPgConnection) -> diesel::QueryResult<Option<Lsn>> {
-    lsn_query(conn, "SELECT pg_catalog.pg_last_wal_replay_lsn() AS v").await
+    lsn_query(conn, sql::REPLAY_LSN_TYPED).await
 }
 
 #[cfg(test)]

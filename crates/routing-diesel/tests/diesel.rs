@@ -4,8 +4,7 @@ use std::time::Duration;
 
 use routing_diesel::diesel_async::RunQueryDsl;
 use routing_diesel::{
-    Consistency, NodeConfig, RequestContext, Router, RouterConfig, current_wal_lsn, diesel,
-    replay_lsn,
+    Consistency, NodeConfig, RequestContext, Router, RouterConfig, commit_lsn, diesel, replay_lsn,
 };
 use routing_testkit::Cluster;
 
@@ -84,11 +83,17 @@ async fn typed_lsn_helpers_agree_with_the_commit_lsn() {
         .await
         .expect("router");
     let mut w = r.write().await.expect("write");
-    let before = current_wal_lsn(&mut w).await.expect("typed lsn");
+    let before = commit_lsn(&mut w)
+        .await
+        .expect("typed lsn")
+        .expect("no open transaction");
     let receipt = w.finish().await.expect("finish");
     assert!(receipt.lsn >= before, "{} >= {before}", receipt.lsn);
     let mut w = r.write().await.expect("write");
-    let after = current_wal_lsn(&mut w).await.expect("typed lsn");
+    let after = commit_lsn(&mut w)
+        .await
+        .expect("typed lsn")
+        .expect("no open transaction");
     assert!(after >= receipt.lsn);
     assert_eq!(
         replay_lsn(&mut w).await.expect("replay lsn"),

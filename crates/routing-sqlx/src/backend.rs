@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use routing_core::{Access, Backend, BackendError, ErrorKind, NodeConfig, PoolSpec};
 use sqlx::pool::{PoolConnection, PoolConnectionMetadata};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Row};
 use tokio::sync::watch;
 
 use crate::errors::{backend_error, backend_error_at};
@@ -211,18 +211,23 @@ impl Backend for SqlxBackend {
                     Ok(session_check(conn, access).await?.is_ok())
                 })
             });
-        if access == Access::ReadWrite {
+        if access.checks_at_connect() {
             let refusals = refusals.clone();
             let name: Arc<str> = Arc::from(node.name.as_str());
             pool = pool.after_connect(move |conn, _meta| {
                 let refusals = refusals.clone();
                 let name = name.clone();
                 Box::pin(async move {
-                    if session_check(conn, Access::ReadWrite).await?.is_err() {
-                        refusals.send_modify(|n| *n = n.wrapping_add(1));
-                        return Err(sqlx::Error::Protocol(not_writer(&name).message));
+                    match session_check(conn, access).await? {
+                        Ok(()) => Ok(()),
+                        Err(ErrorKind::NotWriter) => {
+                            refusals.send_modify(|n| *n = n.wrapping_add(1));
+                            Err(sqlx::Error::Protocol(not_writer(&name).message))
+                        }
+                        Err(_) => Err(sqlx::Error::Configuration(
+                            format!("node {name}: {}", access.check_failure(None)).into(),
+                        )),
                     }
-                    Ok(())
                 })
             });
         }
@@ -267,6 +272,28 @@ impl Backend for SqlxBackend {
             .await
             .map(|done| done.rows_affected())
             .map_err(backend_error)
+    }
+
+    async fn execute_batch<'a>(
+        pooled: &'a mut PoolConnection<Postgres>,
+        sql: &'a str,
+    ) -> Result<(), BackendError> {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut **pooled)
+            .await
+            .map(drop)
+            .map_err(backend_error)
+    }
+
+    fn discard(pooled: &mut PoolConnection<Postgres>) {
+        pooled.close_on_drop();
+    }
+
+    /// A `sqlx::Transaction` leaked without being dropped leaves sqlx counting it open; a
+    /// server-side ROLLBACK would not tell sqlx, whose next `begin()` would then only open a
+    /// savepoint.
+    fn reusable(pooled: &mut PoolConnection<Postgres>) -> bool {
+        !pooled.is_in_transaction()
     }
 
     fn classify(err: &sqlx::Error) -> ErrorKind {

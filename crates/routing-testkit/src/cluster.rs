@@ -16,9 +16,15 @@ use crate::{KitError, cleanup, ports};
 
 /// Password of the `app` role (LOGIN SUPERUSER, scram-sha-256), for tests that need real auth.
 pub const APP_PASSWORD: &str = "app-secret";
+/// Role that may read everything and write nothing (`pg_read_all_data`, scram-sha-256): what
+/// a router's read sessions log in as ([`Cluster::reader_url`]), so that no `BEGIN READ WRITE`
+/// on the primary can write through one.
+pub const READER_ROLE: &str = "routing_reader";
+/// Password of [`READER_ROLE`].
+pub const READER_PASSWORD: &str = "reader-secret";
 
 /// Bump when the template's content changes, so caches from older kits are not reused.
-const TEMPLATE_VERSION: u32 = 1;
+const TEMPLATE_VERSION: u32 = 2;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Long enough for `pg_promote(true, 30)`.
@@ -377,12 +383,15 @@ fn build_template(pg: &PgBins, tmp: &Path, run_as: Option<RunAs>) -> Result<(), 
         .arg("postgres")
         .current_dir(tmp);
     proc::as_server(&mut single, run_as);
-    let sql = format!("CREATE ROLE app LOGIN SUPERUSER PASSWORD '{APP_PASSWORD}';\n");
+    let sql = format!(
+        "CREATE ROLE app LOGIN SUPERUSER PASSWORD '{APP_PASSWORD}';\n\
+         CREATE ROLE {READER_ROLE} LOGIN PASSWORD '{READER_PASSWORD}' IN ROLE pg_read_all_data;\n"
+    );
     proc::run(
         &mut single,
         Some(&sql),
         Duration::from_secs(60),
-        "postgres --single (create role app)",
+        "postgres --single (create roles)",
     )?;
     std::fs::write(tmp.join("ok"), "")?;
     Ok(())
@@ -716,18 +725,29 @@ impl Cluster {
         )
     }
 
+    /// URL of node `i` for [`READER_ROLE`], the role that may only read.
+    pub fn reader_url(&self, i: usize) -> String {
+        format!(
+            "postgres://{READER_ROLE}:{}@127.0.0.1:{}/postgres",
+            percent_encode(READER_PASSWORD),
+            self.nodes[i].port()
+        )
+    }
+
     /// Every node as a router sees it: the current primary as a writer candidate, the others as
-    /// replicas, named like the kit's nodes (`pg0`, `pg1`, ...), over [`Cluster::url`].
+    /// replicas, named like the kit's nodes (`pg0`, `pg1`, ...), over [`Cluster::url`], with
+    /// read sessions logging in as [`READER_ROLE`] ([`Cluster::reader_url`]).
     pub fn node_configs(&self) -> Vec<routing_core::NodeConfig> {
         let primary = self.primary();
         (0..self.nodes.len())
             .map(|i| {
                 let (name, url) = (self.nodes[i].name().to_string(), self.url(i));
-                if i == primary {
+                let node = if i == primary {
                     routing_core::NodeConfig::writer(name, url)
                 } else {
                     routing_core::NodeConfig::replica(name, url)
-                }
+                };
+                node.reader_url(self.reader_url(i))
             })
             .collect()
     }

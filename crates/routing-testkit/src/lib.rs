@@ -23,6 +23,8 @@ mod ports;
 mod proc;
 mod proxy;
 
-pub use cluster::{APP_PASSWORD, Cluster, ClusterBuilder, Node, shared};
+pub use cluster::{
+    APP_PASSWORD, Cluster, ClusterBuilder, Node, READER_PASSWORD, READER_ROLE, shared,
+};
 pub use error::KitError;
 pub use proxy::{FaultProxy, ProxyMode};

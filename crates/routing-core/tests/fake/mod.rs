@@ -205,6 +205,7 @@ impl Backend for FakeBackend {
                 ),
                 sql::REPLAY_LSN | sql::COMMIT_LSN => lsn,
                 sql::WRITER_CHECK => n.in_recovery.to_string(),
+                sql::READ_ONLY_CHECK => "on".into(),
                 "SELECT node" => pooled.node.to_string(),
                 _ => "1".into(),
             }))
@@ -226,6 +227,16 @@ impl Backend for FakeBackend {
             Ok(1)
         }
     }
+
+    async fn execute_batch<'a>(pooled: &'a mut Pooled, _sql: &'a str) -> Result<(), BackendError> {
+        if pooled.world.get(pooled.node).up {
+            Ok(())
+        } else {
+            Err(BackendError::new(ErrorKind::Connection, "connection reset"))
+        }
+    }
+
+    fn discard(_pooled: &mut Pooled) {}
 
     fn classify(err: &FakeError) -> ErrorKind {
         err.0

@@ -1,0 +1,411 @@
+//! The router: picks a node for every unit of work and hands out connection guards.
+//!
+//! - `mod.rs`: the handle, its builder and the shared state;
+//! - `read.rs`: which node serves a read, and [`ReadConn`];
+//! - `write.rs`: the writer's sessions, [`WriteConn`], commits and receipts;
+//! - `session.rs`: the guard both handles share, which resets a session before it is reused.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::stats::{Counters, bump};
+use crate::topology::Topology;
+use crate::{
+    Access, Backend, BackendError, CausalToken, Consistency, Epoch, Error, ErrorKind,
+    InMemoryMarks, NodeConfig, NodeRole, PoolSettings, PoolSpec, ProbeReport, RegionPolicy,
+    ReplicaPicker, RoleHint, RouterConfig, RouterStats, Snapshot, TokenCodec, WriterMarks,
+};
+
+mod read;
+mod session;
+mod write;
+
+pub use read::ReadConn;
+pub use write::{WriteConn, WriteReceipt};
+
+/// Routes writes to the primary and reads to replicas. Cheap to clone; every clone shares one
+/// topology, one monitor and one set of pools. The monitor stops when the last clone is dropped
+/// (or at [`Router::shutdown`]).
+pub struct Router<B: Backend> {
+    inner: Arc<Inner<B>>,
+}
+
+impl<B: Backend> Clone for Router<B> {
+    fn clone(&self) -> Self {
+        Router {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for Router<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let snap = self.inner.snapshot.load();
+        f.debug_struct("Router")
+            .field("generation", &snap.generation)
+            .field("writer", &snap.writer().map(|n| n.name.clone()))
+            .field(
+                "nodes",
+                &self
+                    .inner
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+pub(crate) struct NodeRuntime<B: Backend> {
+    pub(crate) name: Arc<str>,
+    pub(super) writer_pool: B::Pool,
+    pub(super) reader_pool: B::Pool,
+    pub(crate) probe_pool: B::Pool,
+    pub(crate) in_flight: AtomicUsize,
+    /// Read sessions log in as a role that may only read ([`NodeConfig::reader_url`]).
+    pub(crate) read_only_role: bool,
+}
+
+pub(crate) struct Inner<B: Backend> {
+    pub(crate) nodes: Vec<NodeRuntime<B>>,
+    pub(crate) config: RouterConfig,
+    pub(super) topology: Mutex<Topology>,
+    pub(super) snapshot: ArcSwap<Snapshot>,
+    pub(super) changes: watch::Sender<u64>,
+    pub(crate) nudges: watch::Sender<u64>,
+    pub(crate) shutdown: watch::Sender<bool>,
+    pub(super) marks: Arc<dyn WriterMarks>,
+    pub(super) codec: Option<TokenCodec>,
+    pub(super) picker: Box<dyn ReplicaPicker>,
+    pub(super) regions: RegionPolicy,
+    pub(crate) counters: Counters,
+    pub(super) marks_warnings: crate::throttle::WarnThrottle,
+    pub(super) max_commit_lsn: AtomicU64,
+}
+
+impl<B: Backend> Drop for Inner<B> {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+/// Builds a [`Router`]: nodes, policies, then `build().await`.
+pub struct RouterBuilder<B: Backend> {
+    backend: B,
+    nodes: Vec<NodeConfig>,
+    config: RouterConfig,
+    marks: Option<Arc<dyn WriterMarks>>,
+    codec: Option<TokenCodec>,
+    picker: Box<dyn ReplicaPicker>,
+    regions: RegionPolicy,
+}
+
+impl<B: Backend> std::fmt::Debug for RouterBuilder<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterBuilder")
+            .field("nodes", &self.nodes)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> RouterBuilder<B> {
+    /// Adds a node.
+    pub fn node(mut self, node: NodeConfig) -> Self {
+        self.nodes.push(node);
+        self
+    }
+
+    /// Adds nodes.
+    pub fn nodes(mut self, nodes: impl IntoIterator<Item = NodeConfig>) -> Self {
+        self.nodes.extend(nodes);
+        self
+    }
+
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: RouterConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets the default consistency mode.
+    pub fn consistency(mut self, mode: Consistency) -> Self {
+        self.config.default_consistency = mode;
+        self
+    }
+
+    /// Where recent-writer marks live (default: [`InMemoryMarks`], one process only).
+    pub fn marks(mut self, marks: Arc<dyn WriterMarks>) -> Self {
+        self.marks = Some(marks);
+        self
+    }
+
+    /// Signs causal tokens on write and accepts them on read.
+    pub fn tokens(mut self, codec: TokenCodec) -> Self {
+        self.codec = Some(codec);
+        self
+    }
+
+    /// Replica selection policy (default: [`crate::LeastOutstanding`]).
+    pub fn picker(mut self, picker: impl ReplicaPicker) -> Self {
+        self.picker = Box::new(picker);
+        self
+    }
+
+    /// Region fallback policy.
+    pub fn regions(mut self, regions: RegionPolicy) -> Self {
+        self.regions = regions;
+        self
+    }
+
+    /// Validates, builds the pools (without connecting), starts the monitor and waits for its first
+    /// round of probes (at most `probe_timeout`). Must run inside a tokio runtime.
+    pub async fn build(self) -> Result<Router<B>, Error> {
+        self.config.validate(&self.nodes)?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Config(
+                "Router::build must run inside a tokio runtime".into(),
+            ));
+        }
+        let epoch = Epoch::default();
+        // Probe sessions are renewed often: behind a stable endpoint (HAProxy, a cloud writer
+        // endpoint) only a new connection shows which server the endpoint points at now.
+        let probe_lifetime = (self.config.probe_interval * 4).max(Duration::from_secs(1));
+        let probe_settings = PoolSettings {
+            max_size: 1,
+            connect_timeout: self.config.probe_timeout,
+            max_lifetime: Some(
+                self.config
+                    .pool
+                    .max_lifetime
+                    .map_or(probe_lifetime, |l| l.min(probe_lifetime)),
+            ),
+            idle_timeout: None,
+            pre_ping: false,
+            statement_timeout: Some(self.config.probe_timeout),
+        };
+        let mut nodes = Vec::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            let pool = |access, settings| {
+                let mut node = n.clone();
+                node.url = n.url_for(access).clone();
+                self.backend
+                    .build_pool(PoolSpec {
+                        node,
+                        access,
+                        settings,
+                        epoch: epoch.clone(),
+                    })
+                    .map_err(|source| Error::Backend {
+                        node: n.name.clone(),
+                        source,
+                    })
+            };
+            nodes.push(NodeRuntime {
+                name: Arc::from(n.name.as_str()),
+                writer_pool: pool(Access::ReadWrite, self.config.pool)?,
+                reader_pool: pool(Access::ReadOnly, self.config.pool)?,
+                probe_pool: pool(Access::Probe, probe_settings)?,
+                in_flight: AtomicUsize::new(0),
+                read_only_role: n.reader_url.is_some(),
+            });
+        }
+        let topology = Topology::new(&self.nodes, self.config.lag, self.config.ban, epoch);
+        let snapshot = ArcSwap::from_pointee(topology.snapshot());
+        let inner = Arc::new(Inner {
+            nodes,
+            config: self.config,
+            topology: Mutex::new(topology),
+            snapshot,
+            changes: watch::channel(0).0,
+            nudges: watch::channel(0).0,
+            shutdown: watch::channel(false).0,
+            marks: self
+                .marks
+                .unwrap_or_else(|| Arc::new(InMemoryMarks::default())),
+            codec: self.codec,
+            picker: self.picker,
+            regions: self.regions,
+            counters: Counters::default(),
+            marks_warnings: crate::throttle::WarnThrottle::new(),
+            max_commit_lsn: AtomicU64::new(0),
+        });
+        let mut changes = inner.changes.subscribe();
+        crate::monitor::spawn(&inner);
+        let router = Router { inner };
+        let deadline = tokio::time::Instant::now()
+            + router.inner.config.probe_timeout
+            + Duration::from_millis(50);
+        while router
+            .snapshot()
+            .nodes
+            .iter()
+            .any(|n| n.last_probe.is_none() && n.last_error.is_none())
+        {
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        Ok(router)
+    }
+}
+
+impl<B: Backend> Router<B> {
+    /// Starts building a router over `backend`.
+    pub fn builder(backend: B) -> RouterBuilder<B> {
+        RouterBuilder {
+            backend,
+            nodes: Vec::new(),
+            config: RouterConfig::default(),
+            marks: None,
+            codec: None,
+            picker: Box::new(crate::LeastOutstanding),
+            regions: RegionPolicy::default(),
+        }
+    }
+
+    /// The latest topology snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.snapshot.load_full()
+    }
+
+    /// Counters of routing decisions.
+    pub fn stats(&self) -> RouterStats {
+        self.inner.counters.read()
+    }
+
+    /// The router's configuration.
+    pub fn config(&self) -> &RouterConfig {
+        &self.inner.config
+    }
+
+    /// Verifies a client's token text (for example an `X-Read-After` header).
+    pub fn verify_token(&self, text: &str) -> Result<CausalToken, Error> {
+        let codec = self
+            .inner
+            .codec
+            .as_ref()
+            .ok_or_else(|| Error::Config("no token key configured".into()))?;
+        Ok(codec.verify(text)?)
+    }
+
+    /// Signs a token (the write path does this for you).
+    pub fn sign_token(&self, token: &CausalToken) -> Option<String> {
+        self.inner.codec.as_ref().map(|c| c.sign(token))
+    }
+
+    /// Asks the monitor to probe every node now (rate-limited by the monitor).
+    pub fn reprobe(&self) {
+        self.inner.nudge();
+    }
+
+    /// Waits until the topology changes or `timeout` passes; true if it changed.
+    pub async fn topology_changed(&self, timeout: Duration) -> bool {
+        let mut rx = self.inner.changes.subscribe();
+        let generation = self.snapshot().generation;
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            if self.snapshot().generation != generation {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Stops the monitor. Guards already handed out keep working; new requests still route on the
+    /// last snapshot.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+}
+
+impl<B: Backend> Inner<B> {
+    pub(crate) fn nudge(&self) {
+        bump(&self.counters.reprobes_requested);
+        self.nudges.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Applies a probe outcome and publishes a new snapshot.
+    pub(crate) fn record_probe(&self, i: usize, outcome: Result<ProbeReport, &BackendError>) {
+        let now = Instant::now();
+        let mut topo = self.topology.lock();
+        let changed = match outcome {
+            Ok(report) => topo.apply_probe(i, report, now),
+            Err(why) => topo.apply_error(i, why, now),
+        };
+        self.snapshot.store(Arc::new(topo.snapshot()));
+        drop(topo);
+        if changed {
+            tracing::info!(node = %self.nodes[i].name, "topology changed");
+        }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub(super) fn report_failure(&self, i: usize, why: &BackendError) {
+        bump(&self.counters.checkout_failures);
+        tracing::warn!(node = %self.nodes[i].name, error = %why, "node failed on the request path");
+        self.record_probe(i, Err(why));
+        self.nudge();
+    }
+
+    /// that error, naming the node (a writer candidate first), instead of waiting out the deadline.
+    pub(super) fn misconfigured(&self, snap: &Snapshot) -> Option<Error> {
+        let mut found: Option<usize> = None;
+        for (i, n) in snap.nodes.iter().enumerate() {
+            if n.role == NodeRole::Replica {
+                continue;
+            }
+            if n.reachable
+                || !matches!(n.last_error_kind, Some(ErrorKind::Auth | ErrorKind::Config))
+            {
+                return None;
+            }
+            let better = found.is_none_or(|f| {
+                snap.nodes[f].hint != RoleHint::WriterCandidate
+                    && n.hint == RoleHint::WriterCandidate
+            });
+            if better {
+                found = Some(i);
+            }
+        }
+        let n = &snap.nodes[found?];
+        let kind = n.last_error_kind.unwrap_or(ErrorKind::Config);
+        let text = n.last_error.as_deref().unwrap_or("unknown error");
+        // `last_error` is the error's Display, which starts with the kind.
+        let message = text.strip_prefix(&format!("{kind:?}: ")).unwrap_or(text);
+        Some(Error::Backend {
+            node: n.name.to_string(),
+            source: BackendError::new(kind, message),
+        })
+    }
+
+    /// `name: last error` of every unreachable node, for error messages.
+    pub(super) fn node_errors(&self) -> String {
+        let snap = self.snapshot.load();
+        let errors: Vec<String> = snap
+            .nodes
+            .iter()
+            .filter(|n| !n.reachable)
+            .map(|n| {
+                format!(
+                    "{}: {}",
+                    n.name,
+                    n.last_error.as_deref().unwrap_or("not probed yet")
+                )
+            })
+            .collect();
+        errors.join("; ")
+    }
+}

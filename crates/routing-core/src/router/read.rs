@@ -1,0 +1,433 @@
+//! The read path: which node serves a read, and the read guard.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use smallvec::SmallVec;
+
+use super::session::{Session, classified};
+use super::{Inner, Router};
+use crate::backend::sql;
+use crate::stats::bump;
+use crate::{
+    Access, Backend, BackendError, Candidate, CausalToken, Consistency, Error, ErrorKind, Lsn,
+    MarksFailure, RequestContext, Snapshot, TokenError, UserKey,
+};
+
+enum Need {
+    Primary,
+    Any,
+    AtLeast(Lsn),
+}
+
+impl<B: Backend> Router<B> {
+    /// A read session with the router's default consistency.
+    pub async fn read(&self) -> Result<ReadConn<B>, Error> {
+        self.read_with(&RequestContext::default()).await
+    }
+
+    /// A read session routed for this request: see [`Consistency`].
+    pub async fn read_with(&self, ctx: &RequestContext) -> Result<ReadConn<B>, Error> {
+        let inner = &self.inner;
+        let snap = inner.snapshot.load_full();
+        let mode = if ctx.force_primary {
+            Consistency::Primary
+        } else {
+            ctx.consistency.unwrap_or(inner.config.default_consistency)
+        };
+        let need = match mode {
+            Consistency::Primary => Need::Primary,
+            Consistency::Eventual => Need::Any,
+            Consistency::RecentWriterTtl { ttl } => match &ctx.user {
+                None => Need::Any,
+                Some(user) => match inner.lookup_mark(user).await {
+                    Ok(Some(m)) if inner.config.mark_ttl.saturating_sub(m.expires_in) < ttl => {
+                        Need::Primary
+                    }
+                    Ok(_) => Need::Any,
+                    Err(()) => inner.on_marks_failure(),
+                },
+            },
+            Consistency::ReadYourWrites | Consistency::Causal => {
+                let mut need: Option<Lsn> = None;
+                if let Some(token) = &ctx.token {
+                    match inner.judge_token(token, &snap)? {
+                        Some(lsn) => need = Some(lsn),
+                        None => return inner.read_on_primary(true).await,
+                    }
+                }
+                let mut primary = false;
+                if mode == Consistency::ReadYourWrites
+                    && let Some(user) = &ctx.user
+                {
+                    match inner.lookup_mark(user).await {
+                        Ok(Some(m)) => need = need.max(Some(m.lsn)),
+                        Ok(None) => {}
+                        Err(()) => primary = matches!(inner.on_marks_failure(), Need::Primary),
+                    }
+                }
+                match need {
+                    _ if primary => Need::Primary,
+                    Some(lsn) => Need::AtLeast(lsn),
+                    None => Need::Any,
+                }
+            }
+        };
+        match need {
+            Need::Primary => inner.read_on_primary(false).await,
+            Need::Any => inner.read_on_replica(&snap, ctx, None).await,
+            Need::AtLeast(lsn) => inner.read_on_replica(&snap, ctx, Some(lsn)).await,
+        }
+    }
+
+    /// Runs `work` on a read session; if the node fails underneath (a connection error outside a
+    /// transaction), bans it and runs `work` once more on another node.
+    pub async fn read_retrying<T, F>(&self, ctx: &RequestContext, mut work: F) -> Result<T, Error>
+    where
+        F: for<'c> FnMut(&'c mut B::Connection) -> BoxFuture<'c, Result<T, B::QueryError>>,
+    {
+        let mut conn = self.read_with(ctx).await?;
+        let first = work(&mut conn).await;
+        match first {
+            Ok(v) => Ok(v),
+            Err(e) if B::classify(&e) == ErrorKind::Connection => {
+                bump(&self.inner.counters.read_retries);
+                drop(conn.check::<()>(Err(e)));
+                drop(conn);
+                let mut conn = self.read_with(ctx).await?;
+                let second = work(&mut conn).await;
+                conn.check(second)
+            }
+            Err(e) => conn.check(Err(e)),
+        }
+    }
+
+    /// [`Router::read_retrying`] for work written against the [`Backend`] trait (on the pooled
+    /// session, with [`Backend::query_text`] / [`Backend::execute`]), so backend-generic code gets
+    /// the same single retry: a [`ErrorKind::Connection`] failure bans the node and `work` runs
+    /// once more on another node (or the primary); any other error is returned as
+    /// [`ReadConn::check_backend`] maps it. Only for work outside a transaction.
+    pub async fn read_retrying_backend<T, F>(
+        &self,
+        ctx: &RequestContext,
+        mut work: F,
+    ) -> Result<T, Error>
+    where
+        F: for<'c> FnMut(&'c mut B::Pooled) -> BoxFuture<'c, Result<T, BackendError>>,
+    {
+        let mut conn = self.read_with(ctx).await?;
+        let first = work(conn.pooled()).await;
+        match first {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind == ErrorKind::Connection => {
+                bump(&self.inner.counters.read_retries);
+                drop(conn.check_backend::<()>(Err(e)));
+                drop(conn);
+                let mut conn = self.read_with(ctx).await?;
+                let second = work(conn.pooled()).await;
+                conn.check_backend(second)
+            }
+            Err(e) => conn.check_backend(Err(e)),
+        }
+    }
+}
+
+impl<B: Backend> Inner<B> {
+    async fn lookup_mark(&self, user: &UserKey) -> Result<Option<crate::Mark>, ()> {
+        match tokio::time::timeout(self.config.marks_timeout, self.marks.get(user)).await {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(e)) => {
+                bump(&self.counters.marks_errors);
+                if let Some(suppressed) = self.marks_warnings.allow() {
+                    tracing::warn!(error = %e, suppressed, "mark lookup failed");
+                }
+                Err(())
+            }
+            Err(_) => {
+                bump(&self.counters.marks_errors);
+                if let Some(suppressed) = self.marks_warnings.allow() {
+                    tracing::warn!(timeout = ?self.config.marks_timeout, suppressed, "mark lookup timed out");
+                }
+                Err(())
+            }
+        }
+    }
+
+    fn on_marks_failure(&self) -> Need {
+        match self.config.on_marks_failure {
+            MarksFailure::Eventual => Need::Any,
+            _ => Need::Primary,
+        }
+    }
+
+    /// `Some(lsn)` when replicas may serve the token; `None` when it must go to the primary
+    /// (another cluster, another timeline); an error when it claims an impossible future.
+    fn judge_token(&self, token: &CausalToken, snap: &Snapshot) -> Result<Option<Lsn>, Error> {
+        let foreign =
+            matches!(snap.system_id, Some(s) if token.system_id != 0 && token.system_id != s);
+        let other_timeline = matches!(snap.timeline, Some(t) if t != token.timeline);
+        if foreign || other_timeline {
+            bump(&self.counters.tokens_untrusted);
+            return Ok(None);
+        }
+        let known = snap
+            .primary_lsn
+            .unwrap_or_default()
+            .max(Lsn(self.max_commit_lsn.load(Ordering::Relaxed)));
+        if token.lsn.bytes_after(known) > self.config.future_lsn_tolerance {
+            return Err(Error::Token(TokenError::FromTheFuture {
+                lsn: token.lsn,
+                primary: known,
+            }));
+        }
+        Ok(Some(token.lsn))
+    }
+
+    /// A session on the current writer, waiting across failovers up to the write deadline.
+    pub(super) async fn read_on_primary(
+        self: &Arc<Self>,
+        fallback: bool,
+    ) -> Result<ReadConn<B>, Error> {
+        let (node, pooled) =
+            self.acquire_on_writer(Access::ReadOnly)
+                .await
+                .map_err(|e| match e {
+                    Error::NoPrimary { waited } => {
+                        let errors = self.node_errors();
+                        let mut reason =
+                            format!("no replica eligible and no primary within {waited:?}");
+                        if !errors.is_empty() {
+                            reason.push_str(" (");
+                            reason.push_str(&errors);
+                            reason.push(')');
+                        }
+                        Error::NoReader { reason }
+                    }
+                    other => other,
+                })?;
+        bump(&self.counters.reads_primary);
+        if fallback {
+            bump(&self.counters.reads_primary_fallback);
+        }
+        Ok(ReadConn::new(self.clone(), node, pooled, true))
+    }
+
+    async fn read_on_replica(
+        self: &Arc<Self>,
+        snap: &Snapshot,
+        ctx: &RequestContext,
+        need: Option<Lsn>,
+    ) -> Result<ReadConn<B>, Error> {
+        let now = Instant::now();
+        // Locality: only the best-ranked region tier that has an eligible replica.
+        let mut tier: SmallVec<[usize; 8]> = SmallVec::new();
+        let mut best = usize::MAX;
+        let mut any = false;
+        for (i, n) in snap.nodes.iter().enumerate() {
+            if !n.is_readable_replica(now) {
+                continue;
+            }
+            let rank = self.regions.rank(ctx.region.as_ref(), n.region.as_ref());
+            if !any || rank < best {
+                tier.clear();
+                best = rank;
+                any = true;
+            }
+            if rank == best {
+                tier.push(i);
+            }
+        }
+        let mut excluded: SmallVec<[usize; 2]> = SmallVec::new();
+        for _attempt in 0..2 {
+            tier.retain(|i| !excluded.contains(i));
+            if tier.is_empty() {
+                break;
+            }
+            let (choice, must_wait) = match need {
+                None => (self.pick(snap, &tier), false),
+                Some(lsn) => {
+                    let caught_up: SmallVec<[usize; 8]> = tier
+                        .iter()
+                        .copied()
+                        .filter(|&i| snap.nodes[i].lsn >= Some(lsn))
+                        .collect();
+                    if !caught_up.is_empty() {
+                        (self.pick(snap, &caught_up), false)
+                    } else {
+                        // Wait only where the last measured lag leaves a margin (half the
+                        // budget): a replica lagging about as much as the budget usually misses it.
+                        let budget = self.config.wait_budget;
+                        let hopeful: SmallVec<[usize; 8]> = tier
+                            .iter()
+                            .copied()
+                            .filter(|&i| snap.nodes[i].lag.unwrap_or(Duration::MAX) <= budget / 2)
+                            .collect();
+                        if hopeful.is_empty() || budget.is_zero() {
+                            break;
+                        }
+                        (self.pick(snap, &hopeful), true)
+                    }
+                }
+            };
+            let node = &self.nodes[choice];
+            let mut pooled = match B::checkout(&node.reader_pool).await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.report_failure(choice, &e);
+                    excluded.push(choice);
+                    continue;
+                }
+            };
+            if let (true, Some(lsn)) = (must_wait, need) {
+                bump(&self.counters.lsn_waits);
+                match self.wait_for_replay(&mut pooled, lsn).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        bump(&self.counters.lsn_wait_timeouts);
+                        break;
+                    }
+                    Err(e) => {
+                        self.report_failure(choice, &e);
+                        excluded.push(choice);
+                        continue;
+                    }
+                }
+            }
+            bump(&self.counters.reads_replica);
+            return Ok(ReadConn::new(self.clone(), choice, pooled, false));
+        }
+        self.read_on_primary(true).await
+    }
+
+    fn pick(&self, snap: &Snapshot, among: &[usize]) -> usize {
+        if among.len() == 1 {
+            return among[0];
+        }
+        let cands: SmallVec<[Candidate<'_>; 8]> = among
+            .iter()
+            .map(|&i| Candidate {
+                node: i,
+                name: &snap.nodes[i].name,
+                weight: snap.nodes[i].weight,
+                in_flight: self.nodes[i].in_flight.load(Ordering::Relaxed),
+                lag_bytes: snap.nodes[i].lag_bytes,
+            })
+            .collect();
+        among[self.picker.pick(&cands).min(among.len() - 1)]
+    }
+
+    /// Polls the replica's replay LSN until it reaches `lsn` or the wait budget runs out.
+    async fn wait_for_replay(
+        &self,
+        pooled: &mut B::Pooled,
+        lsn: Lsn,
+    ) -> Result<bool, BackendError> {
+        let deadline = Instant::now() + self.config.wait_budget;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let text = B::query_text(pooled, sql::REPLAY_LSN).await?;
+            let replayed = text.as_deref().and_then(|t| t.parse::<Lsn>().ok());
+            if replayed >= Some(lsn) {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(8));
+        }
+    }
+}
+
+/// A session on a replica, or on the primary in read-only mode. Dereferences to the driver's
+/// connection. A transaction run on it never changes node. When dropped, the session is reset
+/// (any open transaction rolled back, settings and role restored, read-only verified) before
+/// the next request gets it, or closed.
+pub struct ReadConn<B: Backend> {
+    session: Session<B>,
+    on_primary: bool,
+}
+
+impl<B: Backend> ReadConn<B> {
+    pub(super) fn new(
+        inner: Arc<Inner<B>>,
+        node: usize,
+        pooled: B::Pooled,
+        on_primary: bool,
+    ) -> Self {
+        ReadConn {
+            session: Session::new(inner, node, Access::ReadOnly, pooled),
+            on_primary,
+        }
+    }
+
+    /// The node serving this session.
+    pub fn node_name(&self) -> &str {
+        self.session.node_name()
+    }
+
+    /// Served by the primary (read-only) rather than a replica.
+    pub fn on_primary(&self) -> bool {
+        self.on_primary
+    }
+
+    /// The pooled session, for backend-generic helpers.
+    pub fn pooled(&mut self) -> &mut B::Pooled {
+        self.session.pooled()
+    }
+
+    /// Maps a driver result: a write refused by the read-only session (including a
+    /// `BEGIN READ WRITE` on a replica, and any permission error under read-only credentials,
+    /// see [`crate::NodeConfig::reader_url`]) becomes [`Error::MisroutedWrite`]; a broken
+    /// connection bans the node and triggers a re-probe.
+    pub fn check<T>(&self, result: Result<T, B::QueryError>) -> Result<T, Error> {
+        self.check_backend(result.map_err(classified::<B>))
+    }
+
+    /// [`ReadConn::check`] for results of [`Backend::execute`] / [`Backend::query_text`].
+    pub fn check_backend<T>(&self, result: Result<T, BackendError>) -> Result<T, Error> {
+        result.map_err(|source| {
+            let node = self.node_name().to_string();
+            let inner = &self.session.inner;
+            let read_only_role = inner.nodes[self.session.node].read_only_role;
+            match source.kind {
+                ErrorKind::ReadOnly => Error::MisroutedWrite { node },
+                // The reader role may read everything and write nothing: a refusal is a write.
+                _ if read_only_role && source.sqlstate.as_deref() == Some("42501") => {
+                    Error::MisroutedWrite { node }
+                }
+                ErrorKind::Connection => {
+                    inner.report_failure(self.session.node, &source);
+                    Error::Backend { node, source }
+                }
+                _ => Error::Backend { node, source },
+            }
+        })
+    }
+}
+
+impl<B: Backend> Deref for ReadConn<B> {
+    type Target = B::Connection;
+    fn deref(&self) -> &B::Connection {
+        &self.session
+    }
+}
+
+impl<B: Backend> DerefMut for ReadConn<B> {
+    fn deref_mut(&mut self) -> &mut B::Connection {
+        &mut self.session
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for ReadConn<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadConn")
+            .field("node", &self.node_name())
+            .field("on_primary", &self.on_primary)
+            .finish()
+    }
+}
