@@ -61,6 +61,13 @@ mod security;
 pub use security::probes_ignore_functions_planted_in_the_search_path;
 mod endpoint;
 pub use endpoint::stable_endpoint_follows_a_failover_and_drops_old_sessions;
+mod hygiene;
+pub use hygiene::{
+    a_cancelled_commit_still_records_the_mark, commit_lsn_covers_asynchronous_commits,
+    commit_reports_what_the_server_did, open_transactions_never_reach_the_next_reader,
+    open_transactions_never_reach_the_next_writer, read_sessions_refuse_every_write,
+    session_state_never_reaches_the_next_request, transaction_closure_commits_only_on_success,
+};
 
 /// What a backend crate provides to run the suite.
 pub trait Harness: Send + Sync + 'static {
@@ -99,6 +106,14 @@ macro_rules! conformance_tests {
             killed_replica_under_read_load_fails_only_in_flight_reads,
             lag_exclusion_has_hysteresis,
             lost_writes_and_a_missing_primary_have_typed_outcomes,
+            open_transactions_never_reach_the_next_writer,
+            open_transactions_never_reach_the_next_reader,
+            session_state_never_reaches_the_next_request,
+            read_sessions_refuse_every_write,
+            commit_reports_what_the_server_did,
+            transaction_closure_commits_only_on_success,
+            commit_lsn_covers_asynchronous_commits,
+            a_cancelled_commit_still_records_the_mark,
         );
     };
     (@each $h:ty; $($name:ident),* $(,)?) => {

@@ -397,7 +397,7 @@ impl<B: Backend> ReadConn<B> {
             match source.kind {
                 ErrorKind::ReadOnly => Error::MisroutedWrite { node },
                 // The reader role may read everything and write nothing: a refusal is a write.
-                _ if read_only_role && source.sqlstate.as_deref() == Some("42501") => {
+                _ if read_only_role && is_permission_denied(&source) => {
                     Error::MisroutedWrite { node }
                 }
                 ErrorKind::Connection => {
@@ -430,4 +430,9 @@ impl<B: Backend> std::fmt::Debug for ReadConn<B> {
             .field("on_primary", &self.on_primary)
             .finish()
     }
+}
+
+/// SQLSTATE 42501, or its message where the driver dropped the code.
+fn is_permission_denied(e: &BackendError) -> bool {
+    e.sqlstate.as_deref() == Some("42501") || e.message.contains("permission denied for ")
 }
