@@ -39,11 +39,16 @@ pub enum Scenario {
     /// Synchronous replication; the primary killed a third of the way in, the most advanced
     /// replica promoted, the other repointed to it.
     PrimaryFailover,
+    /// No fault, but handlers misbehave between the pairs: they leave write transactions and
+    /// REPEATABLE READ snapshots open, turn read-only off and change settings on read sessions
+    /// and then try to write through one, handle an error inside a transaction and commit it
+    /// anyway, and are cancelled in the middle of a commit.
+    MisbehavingHandlers,
 }
 
 impl Scenario {
     /// Every scenario, in run order.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Steady,
         Scenario::ApplyDelay50ms,
         Scenario::ApplyDelay500ms,
@@ -51,6 +56,7 @@ impl Scenario {
         Scenario::ReplicaKilled,
         Scenario::RedisKilled,
         Scenario::PrimaryFailover,
+        Scenario::MisbehavingHandlers,
     ];
 
     /// Name used in reports.
@@ -63,6 +69,7 @@ impl Scenario {
             Scenario::ReplicaKilled => "replica_killed",
             Scenario::RedisKilled => "redis_killed",
             Scenario::PrimaryFailover => "primary_failover",
+            Scenario::MisbehavingHandlers => "misbehaving",
         }
     }
 }
@@ -136,6 +143,10 @@ pub struct RunReport {
     pub replica_share: f64,
     /// Writes acknowledged (committed and finished) but missing from the primary after the run.
     pub lost_acked_writes: u64,
+    /// Writes that a read session let through (committed rows in the misroute table).
+    pub writes_through_reads: u64,
+    /// Misbehaving handlers run (`misbehaving` scenario only).
+    pub misbehaviors: u64,
     /// The router's own counters for the run (not part of the JSON format).
     #[serde(skip)]
     pub stats: routing_core::RouterStats,
@@ -257,7 +268,8 @@ async fn run_one<H: ChaosBackend>(
 ) -> Result<RunReport, BoxError> {
     let table = format!("chaos_{}_{}", scenario.name(), mode.name().to_lowercase());
     let create = format!(
-        "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (user_id int PRIMARY KEY, val bigint NOT NULL)"
+        "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (user_id int PRIMARY KEY, val bigint NOT NULL); \
+         DROP TABLE IF EXISTS {table}_misroute; CREATE TABLE {table}_misroute (note text)"
     );
     blocking(cluster, move |c| {
         c.psql(c.primary(), &create)?;
@@ -307,6 +319,7 @@ async fn run_one<H: ChaosBackend>(
         workers.push(tokio::spawn(worker::<H>(
             router.clone(),
             mode,
+            scenario,
             table.clone(),
             users,
             counters.clone(),
@@ -335,6 +348,11 @@ async fn run_one<H: ChaosBackend>(
     }
 
     let lost = lost_acked_writes::<H>(&router, &table, &acked).await?;
+    let misrouted = format!("SELECT count(*) FROM {table}_misroute");
+    let writes_through_reads: u64 = blocking(cluster, move |c| c.psql(c.primary(), &misrouted))
+        .await?
+        .parse()
+        .unwrap_or(u64::MAX);
     let stats = router.stats();
     drop(router);
 
@@ -360,6 +378,8 @@ async fn run_one<H: ChaosBackend>(
         failed_requests: counters.failed.load(Ordering::Relaxed),
         replica_share: stats.replica_share(),
         lost_acked_writes: lost,
+        writes_through_reads,
+        misbehaviors: counters.misbehaviors.load(Ordering::Relaxed),
         stats,
     })
 }
@@ -391,6 +411,7 @@ struct Counters {
     ops: AtomicU64,
     stale: AtomicU64,
     failed: AtomicU64,
+    misbehaviors: AtomicU64,
 }
 
 /// Last acknowledged value per user, shared by workers.
@@ -410,9 +431,11 @@ mod acked {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn worker<H: ChaosBackend>(
     router: Router<H::B>,
     mode: Mode,
+    scenario: Scenario,
     table: String,
     users: Vec<i64>,
     counters: Arc<Counters>,
@@ -420,17 +443,45 @@ async fn worker<H: ChaosBackend>(
     stop: Arc<AtomicBool>,
 ) {
     let mut next: HashMap<i64, i64> = users.iter().map(|u| (*u, 0)).collect();
+    // Users whose last commit was cancelled: it may or may not have happened.
+    let mut uncertain: HashMap<i64, ()> = HashMap::new();
     let mut i = 0usize;
     while !stop.load(Ordering::Relaxed) {
         let user = users[i % users.len()];
         i += 1;
-        let val = {
+        let mut val = {
             let v = next.entry(user).or_insert(0);
             *v += 1;
             *v
         };
         counters.ops.fetch_add(1, Ordering::Relaxed);
-        match pair::<H>(&router, mode, &table, user, val, &acked).await {
+        let mut outcome = Ok(true);
+        if scenario == Scenario::MisbehavingHandlers {
+            if uncertain.remove(&user).is_some() && mode.uses_marks() {
+                outcome = after_cancelled_commit::<H>(&router, &table, user).await;
+            }
+            if i % 2 == 0 && outcome.is_ok() {
+                counters.misbehaviors.fetch_add(1, Ordering::Relaxed);
+                let kind = Misbehavior::ALL[(i / 2) % Misbehavior::ALL.len()];
+                match misbehave::<H>(&router, kind, &table, user, val, &acked).await {
+                    Ok(MisbehaviorEnd::Done) => {}
+                    Ok(MisbehaviorEnd::Uncertain) => {
+                        uncertain.insert(user, ());
+                    }
+                    Err(e) => outcome = Err(e),
+                }
+                // The pair below writes a newer value than the misbehaving handler tried.
+                val = {
+                    let v = next.entry(user).or_insert(0);
+                    *v += 1;
+                    *v
+                };
+            }
+        }
+        if matches!(outcome, Ok(true)) && !uncertain.contains_key(&user) {
+            outcome = pair::<H>(&router, mode, &table, user, val, &acked).await;
+        }
+        match outcome {
             Ok(true) => {}
             Ok(false) => {
                 counters.stale.fetch_add(1, Ordering::Relaxed);
@@ -442,6 +493,147 @@ async fn worker<H: ChaosBackend>(
             }
         }
     }
+}
+
+impl Mode {
+    /// Does this mode read through the user's mark (which a cancelled commit must still set)?
+    fn uses_marks(self) -> bool {
+        matches!(self, Mode::ReadYourWrites | Mode::RecentWriterTtl)
+    }
+}
+
+/// A handler that misuses its session.
+#[derive(Debug, Clone, Copy)]
+enum Misbehavior {
+    /// `BEGIN`, a write, then the guard is dropped (an early return).
+    LeaveWriteOpen,
+    /// A REPEATABLE READ snapshot taken on a read session and left open.
+    LeaveSnapshotOpen,
+    /// Read-only turned off and settings changed on read sessions, then writes through them.
+    WriteThroughReads,
+    /// An error inside the transaction, handled, then `commit()` anyway.
+    CommitAfterError,
+    /// `commit()` cancelled after a random fraction of a millisecond or two.
+    CancelledCommit,
+}
+
+impl Misbehavior {
+    const ALL: [Misbehavior; 5] = [
+        Misbehavior::LeaveWriteOpen,
+        Misbehavior::LeaveSnapshotOpen,
+        Misbehavior::WriteThroughReads,
+        Misbehavior::CommitAfterError,
+        Misbehavior::CancelledCommit,
+    ];
+}
+
+enum MisbehaviorEnd {
+    Done,
+    /// A commit was cancelled: it may or may not have happened.
+    Uncertain,
+}
+
+/// Runs one misbehaving handler for `user`, which writes `val` where it writes. Errors the
+/// misbehavior itself causes are expected and swallowed; only a router that refuses to work
+/// afterwards is an error.
+async fn misbehave<H: ChaosBackend>(
+    router: &Router<H::B>,
+    kind: Misbehavior,
+    table: &str,
+    user: i64,
+    val: i64,
+    acked: &Acked,
+) -> Result<MisbehaviorEnd, routing_core::Error> {
+    let ctx = RequestContext::new().user(user.to_string());
+    let upsert = format!(
+        "INSERT INTO {table} (user_id, val) VALUES ({user}, {val}) ON CONFLICT (user_id) DO UPDATE SET val = EXCLUDED.val"
+    );
+    match kind {
+        Misbehavior::LeaveWriteOpen => {
+            let mut w = router.write_with(&ctx).await?;
+            let _ = <H::B as Backend>::execute_batch(w.pooled(), "BEGIN").await;
+            let _ = <H::B as Backend>::execute(w.pooled(), &upsert).await;
+        }
+        Misbehavior::LeaveSnapshotOpen => {
+            let mut r = router
+                .read_with(&RequestContext::new().consistency(Consistency::Eventual))
+                .await?;
+            let p = r.pooled();
+            let _ =
+                <H::B as Backend>::execute_batch(p, "BEGIN ISOLATION LEVEL REPEATABLE READ").await;
+            let _ = <H::B as Backend>::query_text(
+                p,
+                &format!("SELECT count(*)::text AS v FROM {table}"),
+            )
+            .await;
+        }
+        Misbehavior::WriteThroughReads => {
+            let misroute = format!("INSERT INTO {table}_misroute (note) VALUES ('{user}')");
+            let attempts = [
+                "SET default_transaction_read_only = off; \
+                 SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE; SET search_path = nowhere"
+                    .to_string(),
+                misroute.clone(),
+                format!("BEGIN READ WRITE; {misroute}; COMMIT"),
+                format!("BEGIN; SET transaction_read_only = off; {misroute}; COMMIT"),
+            ];
+            for (n, sql) in attempts.iter().enumerate() {
+                let ctx = if n % 2 == 0 {
+                    RequestContext::new().force_primary(true)
+                } else {
+                    RequestContext::new().consistency(Consistency::Eventual)
+                };
+                let mut r = router.read_with(&ctx).await?;
+                let _ = <H::B as Backend>::execute_batch(r.pooled(), sql).await;
+            }
+        }
+        Misbehavior::CommitAfterError => {
+            let mut w = router.write_with(&ctx).await?;
+            let _ = <H::B as Backend>::execute_batch(w.pooled(), "BEGIN").await;
+            let _ = <H::B as Backend>::execute(w.pooled(), &upsert).await;
+            let _ = <H::B as Backend>::execute(w.pooled(), "SELECT 1/0").await;
+            if w.commit().await.is_ok() {
+                // A COMMIT the server turned into a rollback, taken for success: acknowledged,
+                // and the lost-writes check will find it missing.
+                acked.record(user, val);
+            }
+        }
+        Misbehavior::CancelledCommit => {
+            let mut w = router.write_with(&ctx).await?;
+            let _ = <H::B as Backend>::execute_batch(w.pooled(), "BEGIN").await;
+            let done = <H::B as Backend>::execute(w.pooled(), &upsert).await;
+            w.check_backend(done)?;
+            let cut = Duration::from_micros(rand::random_range(0..2_000));
+            match tokio::time::timeout(cut, w.commit()).await {
+                Ok(Ok(_)) => acked.record(user, val),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(MisbehaviorEnd::Uncertain),
+            }
+        }
+    }
+    Ok(MisbehaviorEnd::Done)
+}
+
+/// The user's first request after a cancelled commit: a read through their mark must show what
+/// the primary has, whether or not the commit happened.
+async fn after_cancelled_commit<H: ChaosBackend>(
+    router: &Router<H::B>,
+    table: &str,
+    user: i64,
+) -> Result<bool, routing_core::Error> {
+    let select = format!("SELECT val::text AS v FROM {table} WHERE user_id = {user}");
+    let read = |ctx: RequestContext| {
+        let select = select.clone();
+        async move {
+            let mut r = router.read_with(&ctx).await?;
+            let got = <H::B as Backend>::query_text(r.pooled(), &select).await;
+            let got = r.check_backend(got)?;
+            Ok::<i64, routing_core::Error>(got.and_then(|s| s.parse().ok()).unwrap_or(0))
+        }
+    };
+    let seen = read(RequestContext::new().user(user.to_string())).await?;
+    let truth = read(RequestContext::new().force_primary(true)).await?;
+    Ok(seen >= truth)
 }
 
 /// One write-then-read pair; `Ok(false)` when the read was stale.

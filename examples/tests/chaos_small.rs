@@ -28,6 +28,7 @@ async fn protected_modes_never_read_stale_data_under_faults_and_the_control_does
             Scenario::PausedReplica,
             Scenario::RedisKilled,
             Scenario::PrimaryFailover,
+            Scenario::MisbehavingHandlers,
         ],
         modes: Mode::ALL.to_vec(),
     };
@@ -45,7 +46,7 @@ async fn protected_modes_never_read_stale_data_under_faults_and_the_control_does
     })
     .await
     .expect("checker runs");
-    assert_eq!(reports.len(), 20);
+    assert_eq!(reports.len(), 24);
     for r in &reports {
         assert!(
             r.ops > 50,
@@ -54,6 +55,13 @@ async fn protected_modes_never_read_stale_data_under_faults_and_the_control_does
             r.mode
         );
         assert_eq!(r.lost_acked_writes, 0, "{r:?}");
+        assert_eq!(
+            r.writes_through_reads, 0,
+            "a read session let a write through: {r:?}"
+        );
+        if r.scenario == "misbehaving" {
+            assert!(r.misbehaviors > 20, "handlers misbehaved: {r:?}");
+        }
         if r.mode != "Eventual" {
             assert_eq!(r.stale_reads, 0, "protected mode read stale data: {r:?}");
         }

@@ -159,9 +159,13 @@ pub mod sql {
     /// back), drops LISTENs, advisory locks, temporary tables and cached sequence values.
     /// Prepared statements stay: the drivers cache them by name.
     pub const RESET: &str = reset!();
-    /// [`RESET`] for reader sessions, which then also proves the session is read-only again.
+    /// Makes the session refuse writes (for sessions whose startup packet could not carry it).
+    pub const SET_READ_ONLY: &str = "SET default_transaction_read_only = on";
+    /// [`RESET`] for reader sessions, which then re-asserts read-only (`RESET ALL` restores the
+    /// startup value, but not every session could send one) and proves it holds.
     pub const RESET_READER: &str = concat!(
         reset!(),
+        "; SET default_transaction_read_only = on",
         "; DO $routing$BEGIN IF pg_catalog.current_setting('default_transaction_read_only') ",
         "OPERATOR(pg_catalog.<>) 'on' THEN RAISE EXCEPTION ",
         "'routing: reader session is not read-only after reset'; END IF; END$routing$"

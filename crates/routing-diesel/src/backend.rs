@@ -17,6 +17,7 @@ use routing_core::{
     Access, Backend, BackendError, Epoch, ErrorKind, Lsn, PoolSettings, PoolSpec, sql,
 };
 use tokio::sync::watch;
+use tokio_postgres::config::TargetSessionAttrs;
 
 use crate::error;
 
@@ -297,7 +298,13 @@ async fn establish(setup: Arc<Setup>, url: String) -> Result<AsyncPgConnection, 
         .map(str::to_string)
         .into_iter()
         .collect();
-    if matches!(setup.access, Access::ReadOnly | Access::Probe) {
+    let read_only = matches!(setup.access, Access::ReadOnly | Access::Probe);
+    // With `target_session_attrs=read-write`, tokio-postgres asks each host whether its session
+    // is read-write and would refuse every one of them: such sessions are made read-only after
+    // connect instead (a `RESET ALL` inside a request then undoes it until the session's reset;
+    // a read-only role, `NodeConfig::reader_url`, holds regardless).
+    let picks_writer = config.get_target_session_attrs() == TargetSessionAttrs::ReadWrite;
+    if read_only && !picks_writer {
         let (name, value) = sql::READ_ONLY_SETTING;
         options.push(format!("-c {name}={value}"));
     }
@@ -314,6 +321,11 @@ async fn establish(setup: Arc<Setup>, url: String) -> Result<AsyncPgConnection, 
     let mut conn = AsyncPgConnection::try_from_client_and_connection(client, connection)
         .await
         .map_err(|e| error::from_connection_error(label, e))?;
+    if read_only && picks_writer {
+        conn.batch_execute(sql::SET_READ_ONLY)
+            .await
+            .map_err(|e| error::query_error(label, e))?;
+    }
     if setup.access.checks_at_connect() {
         session_check(label, setup.access, &mut conn).await?;
     }

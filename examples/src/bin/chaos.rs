@@ -95,20 +95,21 @@ fn main() {
         .build()
         .expect("tokio runtime");
     println!(
-        "{:<18} {:<16} {:>7} {:>6} {:>7} {:>8} {:>5}",
-        "scenario", "mode", "ops", "stale", "failed", "replica%", "lost"
+        "{:<18} {:<16} {:>7} {:>6} {:>7} {:>8} {:>5} {:>8}",
+        "scenario", "mode", "ops", "stale", "failed", "replica%", "lost", "misroute"
     );
     let started = std::time::Instant::now();
     let result = rt.block_on(chaos::run::<Sqlx>(&opts, marks, |r: &RunReport| {
         println!(
-            "{:<18} {:<16} {:>7} {:>6} {:>7} {:>7.1}% {:>5}",
+            "{:<18} {:<16} {:>7} {:>6} {:>7} {:>7.1}% {:>5} {:>8}",
             r.scenario,
             r.mode,
             r.ops,
             r.stale_reads,
             r.failed_requests,
             r.replica_share * 100.0,
-            r.lost_acked_writes
+            r.lost_acked_writes,
+            r.writes_through_reads
         );
         if verbose {
             println!("    {:?}", r.stats);
@@ -143,6 +144,13 @@ fn main() {
             println!(
                 "FAIL: {} / {}: {} stale reads, {} lost acked writes",
                 r.scenario, r.mode, r.stale_reads, r.lost_acked_writes
+            );
+            failed = true;
+        }
+        if r.writes_through_reads > 0 {
+            println!(
+                "FAIL: {} / {}: {} writes went through read sessions",
+                r.scenario, r.mode, r.writes_through_reads
             );
             failed = true;
         }
