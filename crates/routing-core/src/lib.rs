@@ -41,7 +41,7 @@ pub use marks::{InMemoryMarks, Mark, MarksError, WriterMarks};
 pub use policy::{Candidate, LeastOutstanding, Random, RegionPolicy, ReplicaPicker, RoundRobin};
 pub use probe::{ProbeParseError, ProbeReport};
 pub use router::{ReadConn, Router, RouterBuilder, WriteConn, WriteReceipt};
-pub use secret::{ConnString, redact};
+pub use secret::{ConnString, RedactedError, redact};
 pub use stats::RouterStats;
 pub use token::{CausalToken, MAX_TOKEN_TEXT, TokenCodec, TokenError, TokenKey, WeakKey};
 pub use topology::{NodeRole, NodeStatus, Snapshot};

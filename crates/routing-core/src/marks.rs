@@ -70,7 +70,7 @@ const SHRINK_SLACK: usize = 64;
 /// Bounded in-process marks. Memory follows the live set and no call scans a shard:
 ///
 /// - each shard keeps its marks in a hash map plus a FIFO queue of the keys in write order (one
-///   queue entry per held mark); every call drops at most [`SWEEP_BUDGET`] expired marks from the
+///   queue entry per held mark); every call drops a bounded number of expired marks from the
 ///   queue's front, and shrinks the shard's tables once they are far larger than its contents;
 /// - when a shard is full of live marks, the mark at the queue's front (the oldest write, which
 ///   with one TTL for every mark is also the first to expire) is evicted *safely*: its LSN raises
@@ -107,7 +107,7 @@ enum Front {
     Expired,
     /// The front mark was refreshed since it was queued: moved to the back with its new expiry.
     Requeued,
-    /// The front mark is live and in place: returned, still queued and held.
+    /// The front mark is live and in place: left queued and held.
     Live,
 }
 
