@@ -77,10 +77,7 @@ async fn main() -> Result<(), BoxError> {
             ..RouterConfig::default()
         })
         .marks(Arc::new(marks))
-        .tokens(TokenCodec::new(TokenKey::new(
-            1,
-            "demo-key-change-me-0123456789",
-        )?))
+        .tokens(TokenCodec::new(TokenKey::new(1, "demo-key-change-me-0123456789")?).cluster("tour"))
         .build()
         .await?;
 

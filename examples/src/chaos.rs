@@ -283,10 +283,10 @@ async fn run_one<H: ChaosBackend>(
         .config(checker_config())
         .consistency(mode.consistency())
         .marks(marks(redis).await)
-        .tokens(TokenCodec::new(TokenKey::new(
-            1,
-            "chaos-checker-key-0123456789",
-        )?))
+        .tokens(
+            TokenCodec::new(TokenKey::new(1, "chaos-checker-key-0123456789")?)
+                .cluster("chaos-checker"),
+        )
         .build()
         .await?;
 
@@ -460,7 +460,7 @@ async fn worker<H: ChaosBackend>(
             if uncertain.remove(&user).is_some() && mode.uses_marks() {
                 outcome = after_cancelled_commit::<H>(&router, &table, user).await;
             }
-            if i % 2 == 0 && outcome.is_ok() {
+            if i.is_multiple_of(2) && outcome.is_ok() {
                 counters.misbehaviors.fetch_add(1, Ordering::Relaxed);
                 let kind = Misbehavior::ALL[(i / 2) % Misbehavior::ALL.len()];
                 match misbehave::<H>(&router, kind, &table, user, val, &acked).await {

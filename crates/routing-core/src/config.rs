@@ -193,7 +193,10 @@ pub struct RouterConfig {
     pub on_marks_failure: MarksFailure,
     /// Pools for application connections.
     pub pool: PoolSettings,
-    /// A token LSN further than this beyond the primary's known position is rejected.
+    /// The least a token LSN may be ahead of the primary's known position before it is rejected
+    /// as from the future; the tolerance grows beyond it with the primary's observed write rate
+    /// (two probe intervals' worth, see [`crate::TokenPolicy`]). Never applied while the
+    /// primary's position is unknown.
     pub future_lsn_tolerance: u64,
 }
 
@@ -211,7 +214,7 @@ impl Default for RouterConfig {
             marks_timeout: Duration::from_millis(50),
             on_marks_failure: MarksFailure::Primary,
             pool: PoolSettings::default(),
-            future_lsn_tolerance: 256 * 1024 * 1024,
+            future_lsn_tolerance: 16 * 1024 * 1024,
         }
     }
 }

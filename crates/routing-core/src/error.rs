@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::TokenError;
+use crate::secret::RedactedError;
 
 /// What went wrong talking to a node, as the adapters classify their driver's errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +66,7 @@ impl ErrorKind {
     }
 }
 
-/// A driver error, classified, with passwords redacted from its text.
+/// A driver error, classified, with passwords redacted from its text and from its source's.
 #[derive(Debug, thiserror::Error)]
 #[error("{kind:?}: {message}")]
 pub struct BackendError {
@@ -75,9 +76,11 @@ pub struct BackendError {
     pub sqlstate: Option<String>,
     /// Redacted message.
     pub message: String,
-    /// The driver's error.
+    /// The driver's error, behind a wrapper whose Display and Debug (and its causes') are
+    /// redacted: drivers echo connection strings in their errors. The driver's own type is
+    /// reachable with [`RedactedError::downcast_ref`].
     #[source]
-    pub source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    pub source: Option<RedactedError>,
 }
 
 impl BackendError {
@@ -118,9 +121,9 @@ impl BackendError {
                 .contains("current transaction is aborted, commands ignored")
     }
 
-    /// Attaches the driver's error.
+    /// Attaches the driver's error, wrapped so that printing it never shows a password.
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        self.source = Some(Box::new(source));
+        self.source = Some(RedactedError::new(source));
         self
     }
 }

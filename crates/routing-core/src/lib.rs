@@ -41,9 +41,12 @@ pub use marks::{InMemoryMarks, Mark, MarksError, WriterMarks};
 pub use policy::{Candidate, LeastOutstanding, Random, RegionPolicy, ReplicaPicker, RoundRobin};
 pub use probe::{ProbeParseError, ProbeReport};
 pub use router::{ReadConn, Router, RouterBuilder, WriteConn, WriteReceipt};
-pub use secret::{ConnString, redact};
+pub use secret::{ConnString, RedactedError, redact};
 pub use stats::RouterStats;
-pub use token::{CausalToken, MAX_TOKEN_TEXT, TokenCodec, TokenError, TokenKey, WeakKey};
+pub use token::{
+    CausalToken, ClusterView, DuplicateKeyId, ForeignReason, MAX_TOKEN_TEXT, TokenCodec,
+    TokenError, TokenKey, TokenPolicy, TokenVerdict, WeakKey, judge,
+};
 pub use topology::{NodeRole, NodeStatus, Snapshot};
 
 /// `futures_util`'s boxed future, used by [`WriterMarks`] and [`Router::read_retrying`].

@@ -45,12 +45,61 @@
 //! # }
 //! ```
 //!
+//! A transaction without a raw `BEGIN`: committed when the closure returns `Ok` (and only then
+//! are the user's mark and token issued), rolled back on `Err` or when the request is cancelled.
+//!
+//! ```no_run
+//! use routing_sqlx::{Error, RequestContext, Router, sqlx};
+//!
+//! #[derive(Debug)]
+//! enum AppError {
+//!     Routing(Error),
+//!     Db(sqlx::Error),
+//! }
+//! impl From<Error> for AppError {
+//!     fn from(e: Error) -> Self {
+//!         AppError::Routing(e)
+//!     }
+//! }
+//! impl From<sqlx::Error> for AppError {
+//!     fn from(e: sqlx::Error) -> Self {
+//!         AppError::Db(e)
+//!     }
+//! }
+//!
+//! # async fn demo(router: Router) -> Result<(), AppError> {
+//! let ctx = RequestContext::new().user("user-42");
+//! let (order_id, receipt) = router
+//!     .transaction(&ctx, |conn| {
+//!         Box::pin(async move {
+//!             let id: i64 =
+//!                 sqlx::query_scalar("INSERT INTO orders (user_id) VALUES (42) RETURNING id")
+//!                     .fetch_one(&mut *conn)
+//!                     .await?;
+//!             sqlx::query("DELETE FROM carts WHERE user_id = 42")
+//!                 .execute(&mut *conn)
+//!                 .await?;
+//!             Ok::<_, AppError>(id)
+//!         })
+//!     })
+//!     .await?;
+//! println!("order {order_id}, token for the client: {:?}", receipt.token);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! ## What the pools do
 //!
 //! - **Reader and probe sessions are read-only at the server**: `default_transaction_read_only`
-//!   is sent in the startup packet, so a write through a read guard fails with SQLSTATE 25006,
-//!   which [`ReadConn::check`] turns into [`Error::MisroutedWrite`]. Probe sessions also carry the
-//!   probe's `statement_timeout`.
+//!   is sent in the startup packet (so `RESET ALL` restores it), verified when the session
+//!   connects, so a write through a read guard fails with SQLSTATE 25006, which
+//!   [`ReadConn::check`] turns into [`Error::MisroutedWrite`]. Probe sessions also carry the
+//!   probe's `statement_timeout`. The session default does not stop `BEGIN READ WRITE` on the
+//!   primary: give read sessions a role that may only read with [`NodeConfig::reader_url`].
+//! - **A returned session is reset before reuse** (by routing-core's session guard: any open
+//!   transaction rolled back, role and settings restored, read-only re-verified), or closed. A
+//!   `sqlx::Transaction` leaked with `mem::forget` makes sqlx believe a transaction is still open,
+//!   so such a session is closed rather than reset.
 //! - **Writer sessions are verified at connect** (`after_connect`): a node in recovery is refused
 //!   and the checkout fails at once with [`ErrorKind::NotWriter`] instead of waiting out the
 //!   pool timeout.

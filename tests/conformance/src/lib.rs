@@ -214,6 +214,7 @@ fn test_config() -> RouterConfig {
 
 fn codec() -> TokenCodec {
     TokenCodec::new(TokenKey::new(1, "conformance-test-key-0123456789").expect("token key"))
+        .cluster("conformance")
 }
 
 async fn router<H: Harness>(c: &Cluster, config: RouterConfig) -> Router<H::B> {

@@ -13,8 +13,8 @@ use super::{Inner, Router};
 use crate::backend::sql;
 use crate::stats::bump;
 use crate::{
-    Access, Backend, BackendError, Candidate, CausalToken, Consistency, Error, ErrorKind, Lsn,
-    MarksFailure, RequestContext, Snapshot, TokenError, UserKey,
+    Access, Backend, BackendError, Candidate, CausalToken, ClusterView, Consistency, Error,
+    ErrorKind, Lsn, MarksFailure, RequestContext, Snapshot, TokenPolicy, UserKey, judge,
 };
 
 enum Need {
@@ -166,24 +166,21 @@ impl<B: Backend> Inner<B> {
     /// `Some(lsn)` when replicas may serve the token; `None` when it must go to the primary
     /// (another cluster, another timeline); an error when it claims an impossible future.
     fn judge_token(&self, token: &CausalToken, snap: &Snapshot) -> Result<Option<Lsn>, Error> {
-        let foreign =
-            matches!(snap.system_id, Some(s) if token.system_id != 0 && token.system_id != s);
-        let other_timeline = matches!(snap.timeline, Some(t) if t != token.timeline);
-        if foreign || other_timeline {
+        let view = ClusterView::from_snapshot(
+            snap,
+            Lsn(self.max_commit_lsn.load(Ordering::Relaxed)),
+            self.config.probe_interval,
+            Instant::now(),
+        );
+        let policy = TokenPolicy {
+            floor: self.config.future_lsn_tolerance,
+            ..TokenPolicy::default()
+        };
+        let verdict = judge(token, &view, &policy);
+        if verdict.is_untrusted() {
             bump(&self.counters.tokens_untrusted);
-            return Ok(None);
         }
-        let known = snap
-            .primary_lsn
-            .unwrap_or_default()
-            .max(Lsn(self.max_commit_lsn.load(Ordering::Relaxed)));
-        if token.lsn.bytes_after(known) > self.config.future_lsn_tolerance {
-            return Err(Error::Token(TokenError::FromTheFuture {
-                lsn: token.lsn,
-                primary: known,
-            }));
-        }
-        Ok(Some(token.lsn))
+        Ok(verdict.route()?)
     }
 
     /// A session on the current writer, waiting across failovers up to the write deadline.
