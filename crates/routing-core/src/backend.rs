@@ -33,14 +33,31 @@ impl Access {
     }
 
     /// Judges the answer to [`Access::check_sql`]: `Ok`, or the kind of error to refuse the
-    /// session with ([`ErrorKind::NotWriter`] for a writer session on a node in recovery,
-    /// [`ErrorKind::Config`] for a reader session that is not read-only: the read-only default
-    /// did not reach the server, for example through a pooler that drops startup options).
-    pub fn judge_check(self, answer: Option<&str>) -> Result<(), ErrorKind> {
+    /// session with. [`ErrorKind::NotWriter`] for a writer session on a node in recovery, or on
+    /// a server that is not the elected writer's (another timeline or cluster than `epoch`'s
+    /// [`Epoch::writer_identity`]: a stable endpoint that points at an old primary still
+    /// accepting writes); [`ErrorKind::Config`] for a reader session that is not read-only (the
+    /// read-only default did not reach the server, for example through a pooler that drops
+    /// startup options).
+    pub fn judge_check(self, answer: Option<&str>, epoch: &Epoch) -> Result<(), ErrorKind> {
         match (self, answer) {
-            (Access::ReadWrite, Some("false")) => Ok(()),
-            (Access::ReadWrite, Some("true")) => Err(ErrorKind::NotWriter),
-            (Access::ReadWrite, _) => Err(ErrorKind::Query),
+            (Access::ReadWrite, Some(answer)) => {
+                let mut words = answer.split(' ');
+                match words.next() {
+                    Some("false") => {}
+                    Some("true") => return Err(ErrorKind::NotWriter),
+                    _ => return Err(ErrorKind::Query),
+                }
+                let timeline = words.next().and_then(|t| u32::from_str_radix(t, 16).ok());
+                let system_id = words.next().and_then(|s| s.parse::<u64>().ok());
+                match (epoch.writer_identity(), timeline, system_id) {
+                    (Some(expected), Some(t), Some(s)) if expected != (t, s) => {
+                        Err(ErrorKind::NotWriter)
+                    }
+                    _ => Ok(()),
+                }
+            }
+            (Access::ReadWrite, None) => Err(ErrorKind::Query),
             (Access::ReadOnly, Some("on")) => Ok(()),
             (Access::ReadOnly, _) => Err(ErrorKind::Config),
             (Access::Probe, _) => Ok(()),
@@ -66,6 +83,10 @@ impl Access {
             Access::ReadWrite if answer == Some("true") => {
                 "node is in recovery (not the primary)".to_string()
             }
+            Access::ReadWrite if answer.is_some_and(|a| a.starts_with("false ")) => format!(
+                "the server (timeline and cluster {:?}) is not the elected writer's",
+                answer.unwrap_or_default().trim_start_matches("false ")
+            ),
             Access::ReadOnly => format!(
                 "reader session is not read-only (default_transaction_read_only = {answer:?}): \
                  the startup option did not reach the server"
@@ -89,8 +110,14 @@ impl PoolSettings {
 /// `CASE` are syntax, not functions: `pg_catalog.coalesce` does not exist).
 /// Queries (not batches) return one text column named `v`.
 pub mod sql {
-    /// Checkout/connect check of writer sessions: must answer `false`.
-    pub const WRITER_CHECK: &str = "SELECT pg_catalog.pg_is_in_recovery()::pg_catalog.text AS v";
+    /// Checkout/connect check of writer sessions: `true` on a node in recovery, else `false`,
+    /// the timeline (hex, as in WAL file names) and the system identifier, which must match the
+    /// elected writer's.
+    pub const WRITER_CHECK: &str = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN 'true' \
+        ELSE pg_catalog.concat_ws(' ', 'false', \
+            pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8), \
+            (SELECT s.system_identifier FROM pg_catalog.pg_control_system() s)::pg_catalog.text) \
+        END AS v";
     /// Connect/checkout check of reader sessions: must answer `on` (the read-only default that
     /// travels in the startup packet took effect; a pooler in between may have dropped it).
     pub const READ_ONLY_CHECK: &str =
@@ -199,6 +226,9 @@ struct EpochInner {
     generation: AtomicU64,
     origin: Instant,
     bumped_at_nanos: AtomicU64,
+    /// The elected writer's timeline (high 32 bits, 0 = unknown) and system identifier.
+    writer_timeline: AtomicU64,
+    writer_system_id: AtomicU64,
 }
 
 impl Default for Epoch {
@@ -207,6 +237,8 @@ impl Default for Epoch {
             generation: AtomicU64::new(1),
             origin: Instant::now(),
             bumped_at_nanos: AtomicU64::new(0),
+            writer_timeline: AtomicU64::new(0),
+            writer_system_id: AtomicU64::new(0),
         }))
     }
 }
@@ -228,6 +260,23 @@ impl Epoch {
         let bumped = Duration::from_nanos(self.0.bumped_at_nanos.load(Ordering::Acquire));
         let since_bump = self.0.origin.elapsed().saturating_sub(bumped);
         age < since_bump
+    }
+
+    /// The elected writer's timeline and system identifier, once known: what a writer session's
+    /// server must show ([`Access::judge_check`]).
+    pub fn writer_identity(&self) -> Option<(u32, u64)> {
+        let timeline = self.0.writer_timeline.load(Ordering::Acquire);
+        let system_id = self.0.writer_system_id.load(Ordering::Acquire);
+        (timeline != 0 && system_id != 0).then(|| (timeline as u32, system_id))
+    }
+
+    /// Records the elected writer's identity (the router does, with every snapshot).
+    pub(crate) fn set_writer_identity(&self, timeline: u32, system_id: u64) {
+        // System id first: a reader that sees the new timeline sees the matching id.
+        self.0.writer_system_id.store(system_id, Ordering::Release);
+        self.0
+            .writer_timeline
+            .store(u64::from(timeline), Ordering::Release);
     }
 
     pub(crate) fn bump(&self) -> u64 {

@@ -34,6 +34,11 @@ pub struct NodeConfig {
     /// `BEGIN READ WRITE` on the primary; such a role makes every write through a read session
     /// fail at the server. `None`: read sessions use `url`.
     pub reader_url: Option<ConnString>,
+    /// The URL reaches a load balancer that spreads connections over several servers (a cloud
+    /// reader endpoint, an HAProxy reader frontend): the monitor's probe then speaks for one of
+    /// them only, so a read that needs an LSN verifies the replay position of the session it got
+    /// instead of trusting the snapshot.
+    pub load_balanced: bool,
 }
 
 impl NodeConfig {
@@ -55,6 +60,7 @@ impl NodeConfig {
             region: None,
             weight: 1,
             reader_url: None,
+            load_balanced: false,
         }
     }
 
@@ -69,6 +75,12 @@ impl NodeConfig {
     /// `BEGIN READ WRITE` cannot bypass.
     pub fn reader_url(mut self, url: impl Into<ConnString>) -> Self {
         self.reader_url = Some(url.into());
+        self
+    }
+
+    /// Marks the node as a load-balancing endpoint (see [`NodeConfig::load_balanced`]).
+    pub fn load_balanced(mut self) -> Self {
+        self.load_balanced = true;
         self
     }
 

@@ -103,6 +103,7 @@ impl ReplicaPicker for LeastOutstanding {
 #[derive(Debug, Clone, Default)]
 pub struct RegionPolicy {
     fallbacks: HashMap<Region, Vec<Region>>,
+    wait_locally_first: bool,
 }
 
 impl RegionPolicy {
@@ -120,6 +121,21 @@ impl RegionPolicy {
         self.fallbacks
             .insert(from.into(), order.into_iter().collect());
         self
+    }
+
+    /// For reads that need an LSN: whether a replica in the request's own region that must
+    /// first catch up (a wait of up to `wait_budget`) is tried before a replica in a fallback
+    /// region that has already caught up. Default `false`: latency first, a caught-up replica
+    /// anywhere before any wait (then the waits, own region first; then the primary). `true`
+    /// keeps reads in-region at the cost of waiting.
+    pub fn wait_locally_first(mut self, on: bool) -> Self {
+        self.wait_locally_first = on;
+        self
+    }
+
+    /// See [`RegionPolicy::wait_locally_first`].
+    pub fn waits_locally_first(&self) -> bool {
+        self.wait_locally_first
     }
 
     /// The rank of a replica in `replica_region` for a request from `from`: 0 is best.

@@ -40,6 +40,8 @@ pub struct NodeStatus {
     pub hint: RoleHint,
     /// Configured weight.
     pub weight: u32,
+    /// Configured as a load-balancing endpoint ([`NodeConfig::load_balanced`]).
+    pub load_balanced: bool,
     /// Observed role.
     pub role: NodeRole,
     /// Did the last probe succeed?
@@ -132,6 +134,7 @@ impl Topology {
                 region: n.region.clone(),
                 hint: n.role,
                 weight: n.weight,
+                load_balanced: n.load_balanced,
                 role: NodeRole::Unknown,
                 reachable: false,
                 lsn: None,

@@ -235,7 +235,7 @@ impl ManageConnection for Manager {
         if !s.settings.pre_ping {
             return Ok(());
         }
-        session_check(&s.label, s.access, &mut c.conn).await
+        session_check(&s.label, s.access, &s.epoch, &mut c.conn).await
     }
 
     fn has_broken(&self, c: &mut Conn) -> bool {
@@ -269,13 +269,16 @@ async fn text_query(
 async fn session_check(
     label: &str,
     access: Access,
+    epoch: &Epoch,
     conn: &mut AsyncPgConnection,
 ) -> Result<(), BackendError> {
     let answer = text_query(label, conn, access.check_sql()).await?;
-    access.judge_check(answer.as_deref()).map_err(|kind| {
-        let why = access.check_failure(answer.as_deref());
-        BackendError::new(kind, format!("{label}: {why}"))
-    })
+    access
+        .judge_check(answer.as_deref(), epoch)
+        .map_err(|kind| {
+            let why = access.check_failure(answer.as_deref());
+            BackendError::new(kind, format!("{label}: {why}"))
+        })
 }
 
 /// diesel-async's `custom_setup`: connect (keeping the server's SQLSTATE for classification),
@@ -327,7 +330,7 @@ async fn establish(setup: Arc<Setup>, url: String) -> Result<AsyncPgConnection, 
             .map_err(|e| error::query_error(label, e))?;
     }
     if setup.access.checks_at_connect() {
-        session_check(label, setup.access, &mut conn).await?;
+        session_check(label, setup.access, &setup.epoch, &mut conn).await?;
     }
     Ok(conn)
 }
@@ -336,6 +339,7 @@ async fn establish(setup: Arc<Setup>, url: String) -> Result<AsyncPgConnection, 
 struct Setup {
     label: String,
     access: Access,
+    epoch: Epoch,
     connect_timeout: Duration,
     statement_timeout: Option<Duration>,
 }
@@ -376,6 +380,7 @@ impl Backend for DieselBackend {
         let setup = Arc::new(Setup {
             label: label.clone(),
             access,
+            epoch: epoch.clone(),
             connect_timeout: settings.connect_timeout,
             statement_timeout: settings.statement_timeout,
         });

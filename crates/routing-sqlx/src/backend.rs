@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use routing_core::{Access, Backend, BackendError, ErrorKind, NodeConfig, PoolSpec};
+use routing_core::{Access, Backend, BackendError, Epoch, ErrorKind, NodeConfig, PoolSpec};
 use sqlx::pool::{PoolConnection, PoolConnectionMetadata};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Row};
@@ -148,7 +148,10 @@ impl NodePool {
 fn not_writer(node: &str) -> BackendError {
     BackendError::new(
         ErrorKind::NotWriter,
-        format!("node {node} is in recovery: it does not accept writes"),
+        format!(
+            "node {node} is not the elected writer (in recovery, or a server on another \
+             timeline or cluster): it takes no writes"
+        ),
     )
 }
 
@@ -157,10 +160,13 @@ fn not_writer(node: &str) -> BackendError {
 async fn session_check(
     conn: &mut PgConnection,
     access: Access,
-) -> Result<Result<(), ErrorKind>, sqlx::Error> {
+    epoch: &Epoch,
+) -> Result<Result<(), (ErrorKind, String)>, sqlx::Error> {
     let row = sqlx::raw_sql(access.check_sql()).fetch_one(conn).await?;
     let answer = row.try_get::<Option<String>, _>("v")?;
-    Ok(access.judge_check(answer.as_deref()))
+    Ok(access
+        .judge_check(answer.as_deref(), epoch)
+        .map_err(|kind| (kind, access.check_failure(answer.as_deref()))))
 }
 
 impl Backend for SqlxBackend {
@@ -183,6 +189,7 @@ impl Backend for SqlxBackend {
         }
         let opts = options::for_access(opts, access, &settings);
         let refusals = Arc::new(watch::Sender::new(0u64));
+        let connect_epoch = epoch.clone();
 
         let mut pool = PgPoolOptions::new()
             .max_connections(settings.max_size)
@@ -208,7 +215,7 @@ impl Backend for SqlxBackend {
                     if !settings.pre_ping {
                         return Ok(true);
                     }
-                    Ok(session_check(conn, access).await?.is_ok())
+                    Ok(session_check(conn, access, &epoch).await?.is_ok())
                 })
             });
         if access.checks_at_connect() {
@@ -217,15 +224,16 @@ impl Backend for SqlxBackend {
             pool = pool.after_connect(move |conn, _meta| {
                 let refusals = refusals.clone();
                 let name = name.clone();
+                let epoch = connect_epoch.clone();
                 Box::pin(async move {
-                    match session_check(conn, access).await? {
+                    match session_check(conn, access, &epoch).await? {
                         Ok(()) => Ok(()),
-                        Err(ErrorKind::NotWriter) => {
+                        Err((ErrorKind::NotWriter, why)) => {
                             refusals.send_modify(|n| *n = n.wrapping_add(1));
-                            Err(sqlx::Error::Protocol(not_writer(&name).message))
+                            Err(sqlx::Error::Protocol(format!("node {name}: {why}")))
                         }
-                        Err(_) => Err(sqlx::Error::Configuration(
-                            format!("node {name}: {}", access.check_failure(None)).into(),
+                        Err((_, why)) => Err(sqlx::Error::Configuration(
+                            format!("node {name}: {why}").into(),
                         )),
                     }
                 })

@@ -60,7 +60,16 @@ pub use commit::explicit_commit_returns_the_lsn_after_commit;
 mod security;
 pub use security::probes_ignore_functions_planted_in_the_search_path;
 mod endpoint;
-pub use endpoint::stable_endpoint_follows_a_failover_and_drops_old_sessions;
+pub use endpoint::{
+    a_stable_endpoint_pointing_back_at_the_old_primary_gets_no_writes,
+    stable_endpoint_follows_a_failover_and_drops_old_sessions,
+};
+mod reads;
+pub use reads::{
+    a_load_balanced_endpoint_is_verified_on_the_session,
+    a_replica_on_the_old_timeline_serves_no_read,
+    guarded_reads_use_a_caught_up_replica_in_a_fallback_region,
+};
 mod hygiene;
 pub use hygiene::{
     a_cancelled_commit_still_records_the_mark, commit_lsn_covers_asynchronous_commits,
@@ -114,6 +123,10 @@ macro_rules! conformance_tests {
             transaction_closure_commits_only_on_success,
             commit_lsn_covers_asynchronous_commits,
             a_cancelled_commit_still_records_the_mark,
+            a_replica_on_the_old_timeline_serves_no_read,
+            guarded_reads_use_a_caught_up_replica_in_a_fallback_region,
+            a_load_balanced_endpoint_is_verified_on_the_session,
+            a_stable_endpoint_pointing_back_at_the_old_primary_gets_no_writes,
         );
     };
     (@each $h:ty; $($name:ident),* $(,)?) => {

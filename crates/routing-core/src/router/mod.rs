@@ -21,6 +21,7 @@ use crate::{
     ReplicaPicker, RoleHint, RouterConfig, RouterStats, Snapshot, TokenCodec, WriterMarks,
 };
 
+mod plan;
 mod read;
 mod session;
 mod write;
@@ -87,6 +88,8 @@ pub(crate) struct Inner<B: Backend> {
     pub(crate) counters: Counters,
     pub(super) marks_warnings: crate::throttle::WarnThrottle,
     pub(super) max_commit_lsn: AtomicU64,
+    /// The generation and writer identity every pool checks.
+    pub(super) epoch: Epoch,
 }
 
 impl<B: Backend> Drop for Inner<B> {
@@ -216,7 +219,7 @@ impl<B: Backend> RouterBuilder<B> {
                 read_only_role: n.reader_url.is_some(),
             });
         }
-        let topology = Topology::new(&self.nodes, self.config.lag, self.config.ban, epoch);
+        let topology = Topology::new(&self.nodes, self.config.lag, self.config.ban, epoch.clone());
         let snapshot = ArcSwap::from_pointee(topology.snapshot());
         let inner = Arc::new(Inner {
             nodes,
@@ -235,6 +238,7 @@ impl<B: Backend> RouterBuilder<B> {
             counters: Counters::default(),
             marks_warnings: crate::throttle::WarnThrottle::new(),
             max_commit_lsn: AtomicU64::new(0),
+            epoch,
         });
         let mut changes = inner.changes.subscribe();
         crate::monitor::spawn(&inner);
@@ -345,7 +349,13 @@ impl<B: Backend> Inner<B> {
             Ok(report) => topo.apply_probe(i, report, now),
             Err(why) => topo.apply_error(i, why, now),
         };
-        self.snapshot.store(Arc::new(topo.snapshot()));
+        let snap = topo.snapshot();
+        if let (Some(_), Some(timeline), Some(system_id)) =
+            (snap.writer, snap.timeline, snap.system_id)
+        {
+            self.epoch.set_writer_identity(timeline, system_id);
+        }
+        self.snapshot.store(Arc::new(snap));
         drop(topo);
         if changed {
             tracing::info!(node = %self.nodes[i].name, "topology changed");

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use smallvec::SmallVec;
 
+use super::plan::{Need, plan_replicas};
 use super::session::{Session, classified};
 use super::{Inner, Router};
 use crate::backend::sql;
@@ -16,12 +17,6 @@ use crate::{
     Access, Backend, BackendError, Candidate, CausalToken, ClusterView, Consistency, Error,
     ErrorKind, Lsn, MarksFailure, RequestContext, Snapshot, TokenPolicy, UserKey, judge,
 };
-
-enum Need {
-    Primary,
-    Any,
-    AtLeast(Lsn),
-}
 
 impl<B: Backend> Router<B> {
     /// A read session with the router's default consistency.
@@ -78,8 +73,7 @@ impl<B: Backend> Router<B> {
         };
         match need {
             Need::Primary => inner.read_on_primary(false).await,
-            Need::Any => inner.read_on_replica(&snap, ctx, None).await,
-            Need::AtLeast(lsn) => inner.read_on_replica(&snap, ctx, Some(lsn)).await,
+            need => inner.read_on_replica(&snap, ctx, need).await,
         }
     }
 
@@ -216,59 +210,33 @@ impl<B: Backend> Inner<B> {
         self: &Arc<Self>,
         snap: &Snapshot,
         ctx: &RequestContext,
-        need: Option<Lsn>,
+        need: Need,
     ) -> Result<ReadConn<B>, Error> {
-        let now = Instant::now();
-        // Locality: only the best-ranked region tier that has an eligible replica.
-        let mut tier: SmallVec<[usize; 8]> = SmallVec::new();
-        let mut best = usize::MAX;
-        let mut any = false;
-        for (i, n) in snap.nodes.iter().enumerate() {
-            if !n.is_readable_replica(now) {
+        let steps = plan_replicas(
+            snap,
+            Instant::now(),
+            &self.regions,
+            ctx.region.as_ref(),
+            need,
+            self.config.wait_budget,
+        );
+        let lsn = match need {
+            Need::AtLeast(lsn) => Some(lsn),
+            _ => None,
+        };
+        // At most two checkouts: a read never tours every replica before the primary.
+        let mut excluded: SmallVec<[usize; 2]> = SmallVec::new();
+        let mut steps = steps.into_iter();
+        let mut step = steps.next();
+        while excluded.len() < 2 {
+            let Some(current) = step.as_mut() else { break };
+            current.among.retain(|i| !excluded.contains(i));
+            if current.among.is_empty() {
+                step = steps.next();
                 continue;
             }
-            let rank = self.regions.rank(ctx.region.as_ref(), n.region.as_ref());
-            if !any || rank < best {
-                tier.clear();
-                best = rank;
-                any = true;
-            }
-            if rank == best {
-                tier.push(i);
-            }
-        }
-        let mut excluded: SmallVec<[usize; 2]> = SmallVec::new();
-        for _attempt in 0..2 {
-            tier.retain(|i| !excluded.contains(i));
-            if tier.is_empty() {
-                break;
-            }
-            let (choice, must_wait) = match need {
-                None => (self.pick(snap, &tier), false),
-                Some(lsn) => {
-                    let caught_up: SmallVec<[usize; 8]> = tier
-                        .iter()
-                        .copied()
-                        .filter(|&i| snap.nodes[i].lsn >= Some(lsn))
-                        .collect();
-                    if !caught_up.is_empty() {
-                        (self.pick(snap, &caught_up), false)
-                    } else {
-                        // Wait only where the last measured lag leaves a margin (half the
-                        // budget): a replica lagging about as much as the budget usually misses it.
-                        let budget = self.config.wait_budget;
-                        let hopeful: SmallVec<[usize; 8]> = tier
-                            .iter()
-                            .copied()
-                            .filter(|&i| snap.nodes[i].lag.unwrap_or(Duration::MAX) <= budget / 2)
-                            .collect();
-                        if hopeful.is_empty() || budget.is_zero() {
-                            break;
-                        }
-                        (self.pick(snap, &hopeful), true)
-                    }
-                }
-            };
+            let choice = self.pick(snap, &current.among);
+            let must_wait = current.wait;
             let node = &self.nodes[choice];
             let mut pooled = match B::checkout(&node.reader_pool).await {
                 Ok(p) => p,
@@ -278,7 +246,7 @@ impl<B: Backend> Inner<B> {
                     continue;
                 }
             };
-            if let (true, Some(lsn)) = (must_wait, need) {
+            if let (true, Some(lsn)) = (must_wait, lsn) {
                 bump(&self.counters.lsn_waits);
                 match self.wait_for_replay(&mut pooled, lsn).await {
                     Ok(true) => {}

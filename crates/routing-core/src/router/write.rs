@@ -67,6 +67,7 @@ impl<B: Backend> Inner<B> {
                     &node.reader_pool
                 };
                 changes.borrow_and_update();
+                let generation = self.epoch.generation();
                 let checkout = tokio::time::timeout_at(deadline, B::checkout(pool));
                 tokio::pin!(checkout);
                 // A checkout on a writer that stopped answering (blackholed, not refusing) can
@@ -90,8 +91,14 @@ impl<B: Backend> Inner<B> {
                 match outcome {
                     // Elected away while we connected: never hand out a session on a node that
                     // is no longer the writer (it may be an old primary still accepting writes).
-                    Ok(Ok(pooled)) if self.snapshot.load().writer != Some(w) => {
-                        drop(pooled);
+                    // A session the pool made while the generation moved (sqlx cannot stamp a
+                    // new connection) may be on the server the topology just left behind.
+                    Ok(Ok(pooled))
+                        if self.snapshot.load().writer != Some(w)
+                            || self.epoch.generation() != generation =>
+                    {
+                        let mut pooled = pooled;
+                        B::discard(&mut pooled);
                         continue;
                     }
                     Ok(Ok(pooled)) => return Ok((w, pooled)),

@@ -204,7 +204,8 @@ impl Backend for FakeBackend {
                     n.system_id
                 ),
                 sql::REPLAY_LSN | sql::COMMIT_LSN => lsn,
-                sql::WRITER_CHECK => n.in_recovery.to_string(),
+                sql::WRITER_CHECK if n.in_recovery => "true".into(),
+                sql::WRITER_CHECK => format!("false {:08X} {}", n.timeline, n.system_id),
                 sql::READ_ONLY_CHECK => "on".into(),
                 "SELECT node" => pooled.node.to_string(),
                 _ => "1".into(),
