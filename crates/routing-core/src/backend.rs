@@ -267,7 +267,7 @@ impl Epoch {
     pub fn writer_identity(&self) -> Option<(u32, u64)> {
         let timeline = self.0.writer_timeline.load(Ordering::Acquire);
         let system_id = self.0.writer_system_id.load(Ordering::Acquire);
-        (timeline != 0 && system_id != 0).then(|| (timeline as u32, system_id))
+        (timeline != 0 && system_id != 0).then_some((timeline as u32, system_id))
     }
 
     /// Records the elected writer's identity (the router does, with every snapshot).
