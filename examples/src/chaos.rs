@@ -44,11 +44,18 @@ pub enum Scenario {
     /// and then try to write through one, handle an error inside a transaction and commit it
     /// anyway, and are cancelled in the middle of a commit.
     MisbehavingHandlers,
+    /// Synchronous replication to every replica; a third of the way in, replica 2 is promoted
+    /// while the old primary stays up and writable and replica 1 keeps following it (a split
+    /// primary). Reports acknowledged writes that landed only on the old primary.
+    SplitPrimary,
+    /// Pools of 4 with a 100 ms checkout timeout, and a hog that keeps every replica's and the
+    /// writer's pool full for 300 ms at a time: busy pools, not dead nodes.
+    BusyPools,
 }
 
 impl Scenario {
     /// Every scenario, in run order.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::Steady,
         Scenario::ApplyDelay50ms,
         Scenario::ApplyDelay500ms,
@@ -57,6 +64,8 @@ impl Scenario {
         Scenario::RedisKilled,
         Scenario::PrimaryFailover,
         Scenario::MisbehavingHandlers,
+        Scenario::SplitPrimary,
+        Scenario::BusyPools,
     ];
 
     /// Name used in reports.
@@ -70,7 +79,16 @@ impl Scenario {
             Scenario::RedisKilled => "redis_killed",
             Scenario::PrimaryFailover => "primary_failover",
             Scenario::MisbehavingHandlers => "misbehaving",
+            Scenario::SplitPrimary => "split_primary",
+            Scenario::BusyPools => "busy_pools",
         }
+    }
+}
+
+impl Scenario {
+    /// Runs on a cluster of its own (it promotes a replica).
+    fn destroys_its_cluster(self) -> bool {
+        matches!(self, Scenario::PrimaryFailover | Scenario::SplitPrimary)
     }
 }
 
@@ -147,6 +165,9 @@ pub struct RunReport {
     pub writes_through_reads: u64,
     /// Misbehaving handlers run (`misbehaving` scenario only).
     pub misbehaviors: u64,
+    /// Acknowledged writes missing from the new primary but present on the old one
+    /// (`split_primary` only): what a split primary cost.
+    pub acked_only_on_old_primary: u64,
     /// The router's own counters for the run (not part of the JSON format).
     #[serde(skip)]
     pub stats: routing_core::RouterStats,
@@ -200,10 +221,7 @@ pub async fn run<H: ChaosBackend>(
     mut progress: impl FnMut(&RunReport),
 ) -> Result<Vec<RunReport>, BoxError> {
     let mut reports = Vec::new();
-    let needs_shared = opts
-        .scenarios
-        .iter()
-        .any(|s| *s != Scenario::PrimaryFailover);
+    let needs_shared = opts.scenarios.iter().any(|s| !s.destroys_its_cluster());
     let shared = if needs_shared {
         Some(Arc::new(start_cluster(false).await?))
     } else {
@@ -212,7 +230,9 @@ pub async fn run<H: ChaosBackend>(
     for &scenario in &opts.scenarios {
         for &mode in &opts.modes {
             let cluster = match (scenario, &shared) {
-                (Scenario::PrimaryFailover, _) => Arc::new(start_cluster(true).await?),
+                (Scenario::PrimaryFailover | Scenario::SplitPrimary, _) => {
+                    Arc::new(start_cluster(true).await?)
+                }
                 (_, Some(c)) => c.clone(),
                 (_, None) => unreachable_cluster()?,
             };
@@ -259,6 +279,21 @@ pub fn checker_config() -> RouterConfig {
     }
 }
 
+fn scenario_config(scenario: Scenario) -> RouterConfig {
+    let mut config = checker_config();
+    if scenario == Scenario::BusyPools {
+        config.pool.max_size = 4;
+        config.pool.connect_timeout = BUSY_CHECKOUT_TIMEOUT;
+    }
+    config
+}
+
+/// Checkout timeout in the busy-pools scenario: shorter than the hog holds its sessions.
+const BUSY_CHECKOUT_TIMEOUT: Duration = Duration::from_millis(100);
+/// A request that takes longer than this counts as failed (a write stuck behind a synchronous
+/// commit that no standby will confirm, say).
+const REQUEST_LIMIT: Duration = Duration::from_secs(3);
+
 async fn run_one<H: ChaosBackend>(
     opts: &ChaosOptions,
     cluster: &Arc<Cluster>,
@@ -280,7 +315,7 @@ async fn run_one<H: ChaosBackend>(
     let redis = cluster.redis_url().ok_or("the cluster has no Redis")?;
     let router = Router::builder(H::backend())
         .nodes(cluster.node_configs())
-        .config(checker_config())
+        .config(scenario_config(scenario))
         .consistency(mode.consistency())
         .marks(marks(redis).await)
         .tokens(
@@ -305,6 +340,18 @@ async fn run_one<H: ChaosBackend>(
             .await?;
         }
         Scenario::PausedReplica => blocking(cluster, |c| c.pause_replay(1)).await?,
+        // Every replica must confirm a commit: once replica 2 is promoted, the old primary
+        // can acknowledge nothing more.
+        Scenario::SplitPrimary => {
+            blocking(cluster, |c| {
+                c.psql(
+                    0,
+                    "ALTER SYSTEM SET synchronous_standby_names = 'ANY 2 (*)'",
+                )?;
+                c.psql(0, "SELECT pg_reload_conf()")
+            })
+            .await?;
+        }
         _ => {}
     }
 
@@ -328,6 +375,9 @@ async fn run_one<H: ChaosBackend>(
         )));
     }
 
+    let hog = (scenario == Scenario::BusyPools)
+        .then(|| tokio::spawn(hog::<H>(router.clone(), stop.clone())));
+
     // Faults injected mid-run.
     let third = opts.run_time / 3;
     tokio::time::sleep(third).await;
@@ -335,6 +385,7 @@ async fn run_one<H: ChaosBackend>(
         Scenario::ReplicaKilled => blocking(cluster, |c| c.kill(1)).await?,
         Scenario::RedisKilled => blocking(cluster, |c| c.kill_redis()).await?,
         Scenario::PrimaryFailover => blocking(cluster, fail_over).await?,
+        Scenario::SplitPrimary => blocking(cluster, |c| c.promote(2)).await?,
         _ => {}
     }
     tokio::time::sleep(third).await;
@@ -346,8 +397,29 @@ async fn run_one<H: ChaosBackend>(
     for w in workers {
         w.await?;
     }
+    if let Some(hog) = hog {
+        hog.await?;
+    }
 
     let lost = lost_acked_writes::<H>(&router, &table, &acked).await?;
+    let acked_only_on_old_primary = if scenario == Scenario::SplitPrimary {
+        let select =
+            format!("SELECT coalesce(string_agg(user_id || ':' || val, ','), '') FROM {table}");
+        let (old, new) = blocking(cluster, move |c| {
+            Ok((c.psql(0, &select)?, c.psql(2, &select)?))
+        })
+        .await?;
+        let (old, new) = (parse_values(&old), parse_values(&new));
+        let acked = acked.0.lock().unwrap_or_else(|e| e.into_inner());
+        acked
+            .iter()
+            .filter(|(u, v)| {
+                new.get(u).copied().unwrap_or(0) < **v && old.get(u).copied().unwrap_or(0) >= **v
+            })
+            .count() as u64
+    } else {
+        0
+    };
     let misrouted = format!("SELECT count(*) FROM {table}_misroute");
     let writes_through_reads: u64 = blocking(cluster, move |c| c.psql(c.primary(), &misrouted))
         .await?
@@ -380,6 +452,7 @@ async fn run_one<H: ChaosBackend>(
         lost_acked_writes: lost,
         writes_through_reads,
         misbehaviors: counters.misbehaviors.load(Ordering::Relaxed),
+        acked_only_on_old_primary,
         stats,
     })
 }
@@ -479,7 +552,15 @@ async fn worker<H: ChaosBackend>(
             }
         }
         if matches!(outcome, Ok(true)) && !uncertain.contains_key(&user) {
-            outcome = pair::<H>(&router, mode, &table, user, val, &acked).await;
+            let limited = tokio::time::timeout(
+                REQUEST_LIMIT,
+                pair::<H>(&router, mode, &table, user, val, &acked),
+            );
+            outcome = limited.await.unwrap_or_else(|_| {
+                Err(routing_core::Error::NoReader {
+                    reason: format!("the pair took longer than {REQUEST_LIMIT:?}"),
+                })
+            });
         }
         match outcome {
             Ok(true) => {}
@@ -691,14 +772,50 @@ async fn lost_acked_writes<H: ChaosBackend>(
     let text = <H::B as Backend>::query_text(w.pooled(), &sql)
         .await?
         .unwrap_or_default();
-    let stored: HashMap<i64, i64> = text
-        .split(',')
-        .filter_map(|kv| kv.split_once(':'))
-        .filter_map(|(k, v)| Some((k.parse().ok()?, v.parse().ok()?)))
-        .collect();
+    let stored = parse_values(&text);
     let acked = acked.0.lock().unwrap_or_else(|e| e.into_inner());
     Ok(acked
         .iter()
         .filter(|(u, v)| stored.get(u).copied().unwrap_or(0) < **v)
         .count() as u64)
+}
+
+/// `user:val,user:val` as a map.
+fn parse_values(text: &str) -> HashMap<i64, i64> {
+    text.split(',')
+        .filter_map(|kv| kv.split_once(':'))
+        .filter_map(|(k, v)| Some((k.trim().parse().ok()?, v.trim().parse().ok()?)))
+        .collect()
+}
+
+/// Keeps every pool full for 300 ms at a time (Eventual reads spread over the replicas, writes on
+/// the primary, each sleeping on the server), then lets go for 200 ms.
+async fn hog<H: ChaosBackend>(router: Router<H::B>, stop: Arc<AtomicBool>) {
+    let eventual = RequestContext::new().consistency(Consistency::Eventual);
+    while !stop.load(Ordering::Relaxed) {
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            let router = router.clone();
+            let ctx = eventual.clone();
+            held.push(tokio::spawn(async move {
+                if let Ok(mut r) = router.read_with(&ctx).await {
+                    let _ =
+                        <H::B as Backend>::execute_batch(r.pooled(), "SELECT pg_sleep(0.3)").await;
+                }
+            }));
+        }
+        for _ in 0..4 {
+            let router = router.clone();
+            held.push(tokio::spawn(async move {
+                if let Ok(mut w) = router.write().await {
+                    let _ =
+                        <H::B as Backend>::execute_batch(w.pooled(), "SELECT pg_sleep(0.3)").await;
+                }
+            }));
+        }
+        for h in held {
+            let _ = h.await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

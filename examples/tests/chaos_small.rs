@@ -29,6 +29,8 @@ async fn protected_modes_never_read_stale_data_under_faults_and_the_control_does
             Scenario::RedisKilled,
             Scenario::PrimaryFailover,
             Scenario::MisbehavingHandlers,
+            Scenario::SplitPrimary,
+            Scenario::BusyPools,
         ],
         modes: Mode::ALL.to_vec(),
     };
@@ -46,7 +48,7 @@ async fn protected_modes_never_read_stale_data_under_faults_and_the_control_does
     })
     .await
     .expect("checker runs");
-    assert_eq!(reports.len(), 24);
+    assert_eq!(reports.len(), 32);
     for r in &reports {
         assert!(
             r.ops > 50,

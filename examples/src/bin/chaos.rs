@@ -111,6 +111,12 @@ fn main() {
             r.lost_acked_writes,
             r.writes_through_reads
         );
+        if r.acked_only_on_old_primary > 0 {
+            println!(
+                "    acknowledged only on the old primary: {}",
+                r.acked_only_on_old_primary
+            );
+        }
         if verbose {
             println!("    {:?}", r.stats);
         }
@@ -144,6 +150,13 @@ fn main() {
             println!(
                 "FAIL: {} / {}: {} stale reads, {} lost acked writes",
                 r.scenario, r.mode, r.stale_reads, r.lost_acked_writes
+            );
+            failed = true;
+        }
+        if r.acked_only_on_old_primary > 0 {
+            println!(
+                "FAIL: {} / {}: {} acknowledged writes landed only on the old primary",
+                r.scenario, r.mode, r.acked_only_on_old_primary
             );
             failed = true;
         }
