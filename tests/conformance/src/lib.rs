@@ -61,6 +61,11 @@ mod security;
 pub use security::probes_ignore_functions_planted_in_the_search_path;
 mod endpoint;
 pub use endpoint::stable_endpoint_follows_a_failover_and_drops_old_sessions;
+mod busy;
+pub use busy::{
+    a_missed_probe_or_a_broken_session_keeps_the_generation,
+    busy_pools_never_ban_or_unseat_a_healthy_node, waiting_reads_do_not_pin_replica_sessions,
+};
 mod hygiene;
 pub use hygiene::{
     a_cancelled_commit_still_records_the_mark, commit_lsn_covers_asynchronous_commits,
@@ -114,6 +119,9 @@ macro_rules! conformance_tests {
             transaction_closure_commits_only_on_success,
             commit_lsn_covers_asynchronous_commits,
             a_cancelled_commit_still_records_the_mark,
+            busy_pools_never_ban_or_unseat_a_healthy_node,
+            waiting_reads_do_not_pin_replica_sessions,
+            a_missed_probe_or_a_broken_session_keeps_the_generation,
         );
     };
     (@each $h:ty; $($name:ident),* $(,)?) => {
