@@ -244,10 +244,10 @@ impl ManageConnection for Manager {
     }
 }
 
-/// Every connection the pool may open is open and in use.
+/// Every connection the pool may open is open (in use when the wait ran out; one released
+/// just then does not make it a connect failure).
 fn is_exhausted(pool: &bb8::Pool<Manager>, s: &Shared) -> bool {
-    let state = pool.state();
-    state.connections >= s.settings.max_size.max(1) && state.idle_connections == 0
+    pool.state().connections >= s.settings.max_size.max(1)
 }
 
 #[derive(QueryableByName)]

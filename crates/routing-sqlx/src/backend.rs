@@ -122,12 +122,13 @@ impl NodePool {
 
 impl NodePool {
     /// Was a timed-out wait one for a free session rather than for a connect? The pool is at its
-    /// size limit with nothing idle. sqlx counts connects in flight in `size()`, so a checkout
+    /// size limit (idle sessions are not looked at: one released just as the wait ran out does
+    /// not make it a connect failure). sqlx counts connects in flight in `size()`, so a checkout
     /// queued behind other checkouts' hanging connects can look exhausted too; the checkouts
     /// that ran those connects time out as [`ErrorKind::Timeout`], and the monitor's probe
     /// (its own pool) judges the node either way.
     fn is_exhausted(&self) -> bool {
-        self.pool.size() >= self.pool.options().get_max_connections() && self.pool.num_idle() == 0
+        self.pool.size() >= self.pool.options().get_max_connections()
     }
 
     /// Resolves only if the node refuses TCP connections. sqlx retries a refused connect until

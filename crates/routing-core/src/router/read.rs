@@ -333,27 +333,28 @@ impl<B: Backend> Inner<B> {
         let mut pause = Duration::from_millis(1);
         let mut pooled = Some(pooled);
         loop {
-            let mut session = match pooled.take() {
-                Some(p) => p,
-                // Bounded by what is left of the budget: a pool busy for longer means missing it.
+            let session = match pooled.take() {
+                Some(p) => Some(p),
+                // Bounded by what is left of the budget; a busy pool only means a later poll.
                 None => {
                     match tokio::time::timeout_at(deadline, B::checkout(&self.nodes[i].reader_pool))
                         .await
                     {
-                        Ok(Ok(p)) => p,
-                        Ok(Err(e)) if e.kind == ErrorKind::PoolBusy => return Ok(None),
+                        Ok(Ok(p)) => Some(p),
+                        Ok(Err(e)) if e.kind == ErrorKind::PoolBusy => None,
                         Ok(Err(e)) => return Err(e),
                         Err(_) => return Ok(None),
                     }
                 }
             };
-            let text = B::query_text(&mut session, sql::REPLAY_LSN).await?;
-            let replayed = text.as_deref().and_then(|t| t.parse::<Lsn>().ok());
-            if replayed >= Some(lsn) {
-                return Ok(Some(session));
+            if let Some(mut session) = session {
+                let text = B::query_text(&mut session, sql::REPLAY_LSN).await?;
+                let replayed = text.as_deref().and_then(|t| t.parse::<Lsn>().ok());
+                if replayed >= Some(lsn) {
+                    return Ok(Some(session));
+                }
+                // Only a SELECT ran on it: dropped here, it goes back to the pool as it came.
             }
-            // Only a SELECT ran on it: it goes back to the pool as it came.
-            drop(session);
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Ok(None);
