@@ -209,14 +209,16 @@ pub mod sql {
         COALESCE(pg_catalog.round(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) pg_catalog.pg_last_xact_replay_timestamp()) OPERATOR(pg_catalog.*) 1000)::pg_catalog.int8::pg_catalog.text, '-'), \
         COALESCE(CASE WHEN r THEN (SELECT w.received_tli FROM pg_catalog.pg_stat_wal_receiver w)::pg_catalog.text \
             ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END, '-'), \
-        COALESCE((SELECT s.system_identifier FROM pg_catalog.pg_control_system() s)::pg_catalog.text, '-')) AS v \
+        COALESCE((SELECT s.system_identifier FROM pg_catalog.pg_control_system() s)::pg_catalog.text, '-'), \
+        pg_catalog.round(pg_catalog.date_part('epoch', pg_catalog.pg_postmaster_start_time()) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8::pg_catalog.text) AS v \
         FROM (SELECT pg_catalog.pg_is_in_recovery() AS r) AS probe";
     /// Session setting that makes a reader session refuse writes at the server. Adapters send
     /// it in the startup packet, so `RESET ALL` and `DISCARD ALL` restore it rather than undo it.
     pub const READ_ONLY_SETTING: (&str, &str) = ("default_transaction_read_only", "on");
 }
 
-/// The topology generation, shared by the router and every pool. Bumped on any role change;
+/// The topology generation, shared by the router and every pool. Bumped when the writer becomes
+/// another server (node, timeline, cluster or server instance) or a node shows another cluster;
 /// a pooled connection made under an older generation is never handed out again.
 #[derive(Debug, Clone)]
 pub struct Epoch(Arc<EpochInner>);

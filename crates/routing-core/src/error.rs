@@ -19,14 +19,20 @@ pub enum ErrorKind {
     Auth,
     /// The connection string is invalid.
     Config,
-    /// Timed out (pool wait or statement timeout).
+    /// Timed out (a connect that did not finish in time, or a statement timeout).
     Timeout,
     /// Any other query error.
     Query,
+    /// No free session within the pool's timeout: every session of the pool was in use and the
+    /// node was answering. Says nothing about the node's health, so it neither bans a replica
+    /// nor unseats the writer nor asks for a re-probe; the request may go elsewhere or be
+    /// retried. Adapters report it only when the wait was for a free session, not for a connect.
+    PoolBusy,
 }
 
 impl ErrorKind {
     /// Errors that say the node (or our view of it) is wrong, so the topology is re-probed at once.
+    /// Not [`ErrorKind::PoolBusy`]: a busy pool is load, not a topology change.
     pub fn calls_for_reprobe(self) -> bool {
         matches!(
             self,
@@ -208,6 +214,16 @@ pub enum Error {
     /// The router was shut down.
     #[error("router is shut down")]
     Shutdown,
+    /// Every session of the node's pool stayed in use for the pool's whole timeout (more
+    /// concurrent work than `PoolSettings::max_size`). The node is healthy and stays elected;
+    /// nothing was sent: safe to retry, ideally after a pause or with less concurrency.
+    #[error("pool of {node} exhausted: no free session within {waited:?}; nothing was sent")]
+    PoolExhausted {
+        /// The node whose pool was full.
+        node: String,
+        /// How long the checkout waited.
+        waited: Duration,
+    },
 }
 
 impl Error {
@@ -219,6 +235,7 @@ impl Error {
                 | Error::NoReader { .. }
                 | Error::WaitBudgetExceeded { .. }
                 | Error::WriteRejected { .. }
+                | Error::PoolExhausted { .. }
         )
     }
 }

@@ -19,6 +19,9 @@ pub struct ProbeReport {
     pub timeline: Option<u32>,
     /// `pg_control_system().system_identifier`.
     pub system_id: Option<u64>,
+    /// `pg_postmaster_start_time()` in microseconds since the Unix epoch: which server instance
+    /// answered (a restart, or another server behind a stable endpoint, changes it).
+    pub started: Option<u64>,
 }
 
 /// The probe answer did not have the expected shape.
@@ -27,11 +30,12 @@ pub struct ProbeReport {
 pub struct ProbeParseError(pub String);
 
 impl ProbeReport {
-    /// Parses `"<t|f> <lsn|-> <lsn|-> <ms|-> <tli|walfile-prefix|-> <sysid|->"`.
+    /// Parses `"<t|f> <lsn|-> <lsn|-> <ms|-> <tli|walfile-prefix|-> <sysid|-> [<started-us|->]"`
+    /// (the start time is optional, for probes that do not report it).
     pub fn parse(text: &str) -> Result<ProbeReport, ProbeParseError> {
         let err = || ProbeParseError(text.chars().take(200).collect());
         let fields: Vec<&str> = text.split(' ').collect();
-        if fields.len() != 6 {
+        if !(6..=7).contains(&fields.len()) {
             return Err(err());
         }
         fn opt(s: &str) -> Option<&str> {
@@ -64,6 +68,11 @@ impl ProbeReport {
         let system_id = opt(fields[5])
             .map(|v| v.parse::<u64>().map_err(|_| err()))
             .transpose()?;
+        let started = fields
+            .get(6)
+            .and_then(|f| opt(f))
+            .map(|v| v.parse::<u64>().map_err(|_| err()))
+            .transpose()?;
         Ok(ProbeReport {
             in_recovery,
             lsn: lsn(fields[1])?,
@@ -71,6 +80,7 @@ impl ProbeReport {
             replay_age,
             timeline,
             system_id,
+            started,
         })
     }
 }
@@ -92,8 +102,12 @@ mod tests {
         assert!(r.in_recovery);
         assert_eq!(r.replay_age, Some(Duration::from_millis(12)));
         assert_eq!(r.timeline, Some(2));
+        assert_eq!(r.started, None, "six fields: no start time");
         let odd = ProbeReport::parse("true - - - - -").expect("fresh replica");
         assert_eq!(odd.lsn, None);
+        let s = ProbeReport::parse("false 0/3000148 - - 00000002 73 1717000000123456")
+            .expect("with the start time");
+        assert_eq!(s.started, Some(1_717_000_000_123_456));
     }
 
     #[test]
@@ -105,6 +119,8 @@ mod tests {
             "true 0/1 - - 1",
             "true zz - - 1 1",
             "false 0/1 - - XYZ 1",
+            "false 0/1 - - 1 1 soon",
+            "false 0/1 - - 1 1 1 1",
         ] {
             assert!(ProbeReport::parse(bad).is_err(), "{bad:?}");
         }

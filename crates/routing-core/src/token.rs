@@ -877,6 +877,7 @@ mod tests {
             replay_age: None,
             timeline: Some(3),
             system_id: Some(42),
+            started: None,
         };
         t.apply_probe(0, primary(0), t0);
         let t1 = t0 + Duration::from_secs(1);

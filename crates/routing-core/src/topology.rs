@@ -77,6 +77,9 @@ pub struct NodeStatus {
     in_recovery: Option<bool>,
     fenced: bool,
     healthy_streak: u32,
+    /// The server instance last probed (postmaster start time), to tell a restarted or another
+    /// server behind the same URL from the same one.
+    started: Option<u64>,
 }
 
 impl NodeStatus {
@@ -93,7 +96,9 @@ impl NodeStatus {
 /// An immutable view of the topology, published by the monitor and read lock-free by requests.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    /// Bumped on every role change.
+    /// The topology generation: moves only when the writer becomes another server (another
+    /// node, timeline, cluster or server instance) or a node turns out to belong to another
+    /// cluster. A writer that misses a probe and answers again as the same server keeps it.
     pub generation: u64,
     /// Index of the elected writer, if one is reachable.
     pub writer: Option<usize>,
@@ -114,6 +119,29 @@ impl Snapshot {
     }
 }
 
+/// The server a generation stands for: sessions made under it all reach this server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WriterIdentity {
+    node: usize,
+    timeline: Option<u32>,
+    system_id: Option<u64>,
+    /// Postmaster start time; `None` when the probe did not report it.
+    started: Option<u64>,
+}
+
+impl WriterIdentity {
+    /// Same node, timeline and cluster, and the same server instance where both are known.
+    fn same_server(&self, other: &WriterIdentity) -> bool {
+        self.node == other.node
+            && self.timeline == other.timeline
+            && self.system_id == other.system_id
+            && match (self.started, other.started) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+}
+
 /// Mutable topology state; the router keeps it behind a mutex and publishes snapshots.
 #[derive(Debug)]
 pub(crate) struct Topology {
@@ -123,6 +151,8 @@ pub(crate) struct Topology {
     epoch: Epoch,
     /// Highest timeline any writer was seen on: primaries below it are fenced.
     max_timeline: u32,
+    /// The writer the current generation was set for (the last one elected).
+    generation_of: Option<WriterIdentity>,
 }
 
 impl Topology {
@@ -155,6 +185,7 @@ impl Topology {
                 in_recovery: None,
                 fenced: false,
                 healthy_streak: 0,
+                started: None,
             })
             .collect();
         let generation = epoch.generation();
@@ -171,6 +202,7 @@ impl Topology {
             ban,
             epoch,
             max_timeline: 0,
+            generation_of: None,
         }
     }
 
@@ -178,7 +210,8 @@ impl Topology {
         self.snap.clone()
     }
 
-    /// Records a probe answer and re-elects the writer. Returns true when a role changed.
+    /// Records a probe answer and re-elects the writer. Returns true when a role or the
+    /// generation changed.
     pub(crate) fn apply_probe(&mut self, i: usize, report: ProbeReport, now: Instant) -> bool {
         let primary_lsn = self.snap.primary_lsn;
         let node = &mut self.snap.nodes[i];
@@ -209,13 +242,14 @@ impl Topology {
                     Some(node.replay_rate.map_or(sample, |r| 0.7 * r + 0.3 * sample));
             }
         }
-        // A node that stays out of recovery but shows another timeline or cluster is another
-        // server now (a stable endpoint followed a failover): as good as a role change.
-        let identity_changed = (node.in_recovery == Some(false)
-            && !report.in_recovery
-            && node.timeline.is_some()
-            && report.timeline != node.timeline)
-            || matches!((node.system_id, report.system_id), (Some(a), Some(b)) if a != b);
+        // A node that shows another cluster is another server now, whatever its role: sessions
+        // made to it (readers included) must go. A new timeline or server instance matters
+        // only for the writer, which `settle_generation` compares.
+        let cluster_changed =
+            matches!((node.system_id, report.system_id), (Some(a), Some(b)) if a != b);
+        if report.started.is_some() {
+            node.started = report.started;
+        }
         node.rate_sample = report.lsn.map(|l| (now, l));
         node.lsn = report.lsn;
         node.receive_lsn = report.receive_lsn;
@@ -258,15 +292,14 @@ impl Topology {
         }
         node.in_recovery = Some(report.in_recovery);
         let changed = self.elect();
-        if identity_changed && !changed {
-            self.snap.generation = self.epoch.bump();
-            return true;
-        }
-        changed
+        let moved = self.settle_generation(cluster_changed);
+        changed || moved
     }
 
     /// Records a failed probe or a failed checkout: the node is unreachable and, if it serves
-    /// reads, banned with exponential backoff. Returns true when a role changed.
+    /// reads, banned with exponential backoff. Returns true when a role changed. Never moves
+    /// the generation: an unreachable writer is no new server, and if it answers again as the
+    /// same one its pooled sessions are still good (broken ones are dropped at checkout).
     pub(crate) fn apply_failure(&mut self, i: usize, why: &str, now: Instant) -> bool {
         let ban = self.ban;
         let node = &mut self.snap.nodes[i];
@@ -281,7 +314,9 @@ impl Topology {
             let backoff = ban.base.saturating_mul(1u32 << shift).min(ban.max);
             node.banned_until = Some(now + backoff);
         }
-        self.elect()
+        let changed = self.elect();
+        self.settle_generation(false);
+        changed
     }
 
     /// [`Topology::apply_failure`] for a classified error, so callers can tell failures that
@@ -295,7 +330,7 @@ impl Topology {
     /// Chooses the writer among reachable, unfenced, out-of-recovery nodes on the newest timeline:
     /// then the current writer (no flapping), then writer candidates, then configuration order.
     /// Every other reachable out-of-recovery node is fenced until it is seen in recovery again.
-    /// Returns true when a role or the writer changed (and bumps the generation).
+    /// Returns true when a role or the writer changed (the generation is `settle_generation`'s).
     fn elect(&mut self) -> bool {
         let old_writer = self.snap.writer;
         let before: Vec<NodeRole> = self.snap.nodes.iter().map(|n| n.role).collect();
@@ -351,17 +386,41 @@ impl Topology {
                 self.snap.system_id = wn.system_id;
             }
         }
-        let changed = writer != old_writer
+        writer != old_writer
             || self
                 .snap
                 .nodes
                 .iter()
                 .zip(&before)
-                .any(|(n, b)| n.role != *b);
-        if changed {
+                .any(|(n, b)| n.role != *b)
+    }
+
+    /// Moves the generation when, and only when, the elected writer is another server than the
+    /// one the generation was set for (another node, timeline, cluster or server instance), or
+    /// when `cluster_changed` (a node answered as another cluster). Bumping empties every pool
+    /// of every node, so a writer that is unknown for a moment (a missed probe) moves nothing:
+    /// no writer session is handed out meanwhile, and a writer that comes back as the same
+    /// server keeps its sessions. The first election moves nothing either: no writer session
+    /// can exist before there was a writer. Returns true when it moved.
+    fn settle_generation(&mut self, cluster_changed: bool) -> bool {
+        let current = self.snap.writer.map(|w| {
+            let n = &self.snap.nodes[w];
+            WriterIdentity {
+                node: w,
+                timeline: n.timeline,
+                system_id: n.system_id,
+                started: n.started,
+            }
+        });
+        let moved = cluster_changed
+            || matches!((&self.generation_of, &current), (Some(a), Some(b)) if !a.same_server(b));
+        if let Some(c) = current {
+            self.generation_of = Some(c);
+        }
+        if moved {
             self.snap.generation = self.epoch.bump();
         }
-        changed
+        moved
     }
 }
 
@@ -416,6 +475,7 @@ mod tests {
             replay_age: None,
             timeline: Some(tl),
             system_id: Some(42),
+            started: Some(7),
         }
     }
 
@@ -427,6 +487,7 @@ mod tests {
             replay_age: Some(Duration::from_millis(age_ms)),
             timeline: Some(1),
             system_id: Some(42),
+            started: Some(9),
         }
     }
 
@@ -654,6 +715,100 @@ mod tests {
             "sessions to the old server are never handed out again"
         );
         assert_eq!(t.snapshot().writer, Some(0));
+    }
+
+    #[test]
+    fn a_writer_that_misses_a_probe_and_comes_back_keeps_the_generation() {
+        let epoch = Epoch::default();
+        let mut t = Topology::new(
+            &nodes(2),
+            LagBounds::default(),
+            BanPolicy::default(),
+            epoch.clone(),
+        );
+        let now = Instant::now();
+        t.apply_probe(0, primary(100, 1), now);
+        t.apply_probe(1, replica(100, 0), now);
+        let stamped = epoch.generation();
+        // One failed probe: the writer is unknown for a moment...
+        t.apply_failure(0, "probe timed out", now);
+        assert_eq!(t.snapshot().writer, None);
+        assert!(epoch.admits(stamped), "an unknown writer is no new server");
+        // ...and answers again as the same server: nothing moved.
+        t.apply_probe(0, primary(200, 1), now);
+        assert_eq!(t.snapshot().writer, Some(0));
+        assert!(epoch.admits(stamped), "the same server keeps its sessions");
+        assert_eq!(t.snapshot().generation, stamped);
+        // Several misses in a row change nothing either.
+        for _ in 0..5 {
+            t.apply_failure(0, "refused", now);
+        }
+        t.apply_probe(0, primary(300, 1), now);
+        assert!(epoch.admits(stamped));
+        // A replica failing never moves it.
+        t.apply_failure(1, "refused", now);
+        t.apply_probe(1, replica(300, 0), now);
+        assert!(epoch.admits(stamped));
+    }
+
+    #[test]
+    fn another_server_instance_as_writer_moves_the_generation() {
+        let epoch = Epoch::default();
+        let mut t = Topology::new(
+            &nodes(1),
+            LagBounds::default(),
+            BanPolicy::default(),
+            epoch.clone(),
+        );
+        let now = Instant::now();
+        t.apply_probe(0, primary(100, 1), now);
+        let stamped = epoch.generation();
+        // Restarted (or another server behind the same endpoint): same timeline and cluster,
+        // another postmaster start time. Its pooled sessions are dead or point elsewhere.
+        t.apply_failure(0, "refused", now);
+        let restarted = ProbeReport {
+            started: Some(8),
+            ..primary(100, 1)
+        };
+        assert!(t.apply_probe(0, restarted, now));
+        assert!(!epoch.admits(stamped));
+        // Without a start time in the probe the instance is not compared.
+        let stamped = epoch.generation();
+        let unknown = ProbeReport {
+            started: None,
+            ..primary(150, 1)
+        };
+        t.apply_probe(0, unknown, now);
+        assert!(epoch.admits(stamped));
+    }
+
+    #[test]
+    fn another_node_as_writer_or_another_cluster_moves_the_generation() {
+        let epoch = Epoch::default();
+        let mut t = Topology::new(
+            &nodes(3),
+            LagBounds::default(),
+            BanPolicy::default(),
+            epoch.clone(),
+        );
+        let now = Instant::now();
+        t.apply_probe(0, primary(100, 1), now);
+        t.apply_probe(2, replica(100, 0), now);
+        let stamped = epoch.generation();
+        // Node 0 gone; node 1, never seen before, answers as a primary on the same timeline.
+        t.apply_failure(0, "refused", now);
+        assert!(epoch.admits(stamped));
+        t.apply_probe(1, primary(100, 1), now);
+        assert_eq!(t.snapshot().writer, Some(1));
+        assert!(!epoch.admits(stamped), "another node is another server");
+        // A replica whose URL now reaches another cluster: its sessions must go too.
+        let stamped = epoch.generation();
+        let foreign = ProbeReport {
+            system_id: Some(43),
+            ..replica(100, 0)
+        };
+        assert!(t.apply_probe(2, foreign, now));
+        assert!(!epoch.admits(stamped));
     }
 
     #[test]

@@ -244,6 +244,12 @@ impl ManageConnection for Manager {
     }
 }
 
+/// Every connection the pool may open is open (in use when the wait ran out; one released
+/// just then does not make it a connect failure).
+fn is_exhausted(pool: &bb8::Pool<Manager>, s: &Shared) -> bool {
+    pool.state().connections >= s.settings.max_size.max(1)
+}
+
 #[derive(QueryableByName)]
 struct TextRow {
     #[diesel(sql_type = Nullable<Text>)]
@@ -429,9 +435,19 @@ impl Backend for DieselBackend {
             got = pool.pool.get_owned() => match got {
                 Ok(inner) => Ok(PooledConn { inner }),
                 Err(bb8::RunError::User(e)) => Err(e),
+                // bb8 counts only established connections (not connects in flight): all of
+                // them in use means the wait was for a free session, and the node answers.
+                Err(bb8::RunError::TimedOut) if is_exhausted(&pool.pool, s) => Err(s.err(
+                    ErrorKind::PoolBusy,
+                    format_args!(
+                        "no free session within {:?}: all {} in use",
+                        s.settings.connect_timeout,
+                        pool.pool.state().connections
+                    ),
+                )),
                 Err(bb8::RunError::TimedOut) => Err(s.err(
                     ErrorKind::Timeout,
-                    format_args!("no session within {:?}", s.settings.connect_timeout),
+                    format_args!("could not connect within {:?}", s.settings.connect_timeout),
                 )),
             },
             // A connect attempt failed while we waited: that is the answer (bb8 itself would

@@ -92,22 +92,45 @@ impl NodePool {
             refused = self.refusing_connections() => return Err(refused),
         };
         acquired.map_err(|e| match e {
-            sqlx::Error::PoolTimedOut => BackendError::new(
-                ErrorKind::Timeout,
-                format!(
-                    "no {:?} session to {} within {:?} (node down or pool exhausted)",
-                    self.access,
-                    self.node,
-                    self.pool.options().get_acquire_timeout()
-                ),
-            )
-            .with_source(e),
+            sqlx::Error::PoolTimedOut => {
+                let waited = self.pool.options().get_acquire_timeout();
+                if self.is_exhausted() {
+                    BackendError::new(
+                        ErrorKind::PoolBusy,
+                        format!(
+                            "no free {:?} session to {} within {waited:?}: all {} in use",
+                            self.access,
+                            self.node,
+                            self.pool.size()
+                        ),
+                    )
+                } else {
+                    BackendError::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "could not connect a {:?} session to {} within {waited:?}",
+                            self.access, self.node
+                        ),
+                    )
+                }
+                .with_source(e)
+            }
             other => backend_error_at(&format!("{} ({:?})", self.node, self.access), other),
         })
     }
 }
 
 impl NodePool {
+    /// Was a timed-out wait one for a free session rather than for a connect? The pool is at its
+    /// size limit (idle sessions are not looked at: one released just as the wait ran out does
+    /// not make it a connect failure). sqlx counts connects in flight in `size()`, so a checkout
+    /// queued behind other checkouts' hanging connects can look exhausted too; the checkouts
+    /// that ran those connects time out as [`ErrorKind::Timeout`], and the monitor's probe
+    /// (its own pool) judges the node either way.
+    fn is_exhausted(&self) -> bool {
+        self.pool.size() >= self.pool.options().get_max_connections()
+    }
+
     /// Resolves only if the node refuses TCP connections. sqlx retries a refused connect until
     /// the pool's timeout (it assumes a server starting up); the router wants to know at once,
     /// to ban the replica or look for the new primary.

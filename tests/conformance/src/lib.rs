@@ -64,6 +64,11 @@ pub use endpoint::{
     a_stable_endpoint_pointing_back_at_the_old_primary_gets_no_writes,
     stable_endpoint_follows_a_failover_and_drops_old_sessions,
 };
+mod busy;
+pub use busy::{
+    a_missed_probe_or_a_broken_session_keeps_the_generation,
+    busy_pools_never_ban_or_unseat_a_healthy_node, waiting_reads_do_not_pin_replica_sessions,
+};
 mod reads;
 pub use reads::{
     a_load_balanced_endpoint_is_verified_on_the_session,
@@ -127,6 +132,9 @@ macro_rules! conformance_tests {
             guarded_reads_use_a_caught_up_replica_in_a_fallback_region,
             a_load_balanced_endpoint_is_verified_on_the_session,
             a_stable_endpoint_pointing_back_at_the_old_primary_gets_no_writes,
+            busy_pools_never_ban_or_unseat_a_healthy_node,
+            waiting_reads_do_not_pin_replica_sessions,
+            a_missed_probe_or_a_broken_session_keeps_the_generation,
         );
     };
     (@each $h:ty; $($name:ident),* $(,)?) => {

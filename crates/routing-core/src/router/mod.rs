@@ -363,10 +363,20 @@ impl<B: Backend> Inner<B> {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// A node failed a request (a checkout or a session). A replica is banned at once (reads go
+    /// elsewhere until probes readmit it); anything else, the writer above all, only gets a
+    /// re-probe: the monitor alone decides the writer is gone, so one broken session does not
+    /// unseat it. A full pool ([`ErrorKind::PoolBusy`]) is load, not a fault: nothing happens.
     pub(super) fn report_failure(&self, i: usize, why: &BackendError) {
+        if why.kind == ErrorKind::PoolBusy {
+            tracing::debug!(node = %self.nodes[i].name, error = %why, "pool busy");
+            return;
+        }
         bump(&self.counters.checkout_failures);
         tracing::warn!(node = %self.nodes[i].name, error = %why, "node failed on the request path");
-        self.record_probe(i, Err(why));
+        if self.snapshot.load().nodes[i].role == NodeRole::Replica {
+            self.record_probe(i, Err(why));
+        }
         self.nudge();
     }
 

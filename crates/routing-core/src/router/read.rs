@@ -241,6 +241,8 @@ impl<B: Backend> Inner<B> {
             let mut pooled = match B::checkout(&node.reader_pool).await {
                 Ok(p) => p,
                 Err(e) => {
+                    // A busy pool is not banned (`report_failure` ignores it): the replica stays
+                    // eligible; this read tries another node.
                     self.report_failure(choice, &e);
                     excluded.push(choice);
                     continue;
@@ -248,9 +250,9 @@ impl<B: Backend> Inner<B> {
             };
             if let (true, Some(lsn)) = (must_wait, lsn) {
                 bump(&self.counters.lsn_waits);
-                match self.wait_for_replay(&mut pooled, lsn).await {
-                    Ok(true) => {}
-                    Ok(false) => {
+                match self.wait_for_replay(choice, pooled, lsn).await {
+                    Ok(Some(caught_up)) => pooled = caught_up,
+                    Ok(None) => {
                         bump(&self.counters.lsn_wait_timeouts);
                         break;
                     }
@@ -284,23 +286,46 @@ impl<B: Backend> Inner<B> {
         among[self.picker.pick(&cands).min(among.len() - 1)]
     }
 
-    /// Polls the replica's replay LSN until it reaches `lsn` or the wait budget runs out.
+    /// Polls replica `i`'s replay LSN until it reaches `lsn` (then returns the session the last
+    /// poll ran on: it has replayed `lsn`, so the read is exact) or the wait budget runs out
+    /// (`None`). Between polls no session is held: each poll is a short checkout, one query,
+    /// release, so a burst of waiting reads takes turns on the pool instead of pinning a
+    /// session each for the whole budget. `pooled` is the first poll's session.
     async fn wait_for_replay(
         &self,
-        pooled: &mut B::Pooled,
+        i: usize,
+        pooled: B::Pooled,
         lsn: Lsn,
-    ) -> Result<bool, BackendError> {
-        let deadline = Instant::now() + self.config.wait_budget;
+    ) -> Result<Option<B::Pooled>, BackendError> {
+        let deadline = tokio::time::Instant::now() + self.config.wait_budget;
         let mut pause = Duration::from_millis(1);
+        let mut pooled = Some(pooled);
         loop {
-            let text = B::query_text(pooled, sql::REPLAY_LSN).await?;
-            let replayed = text.as_deref().and_then(|t| t.parse::<Lsn>().ok());
-            if replayed >= Some(lsn) {
-                return Ok(true);
+            let session = match pooled.take() {
+                Some(p) => Some(p),
+                // Bounded by what is left of the budget; a busy pool only means a later poll.
+                None => {
+                    match tokio::time::timeout_at(deadline, B::checkout(&self.nodes[i].reader_pool))
+                        .await
+                    {
+                        Ok(Ok(p)) => Some(p),
+                        Ok(Err(e)) if e.kind == ErrorKind::PoolBusy => None,
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => return Ok(None),
+                    }
+                }
+            };
+            if let Some(mut session) = session {
+                let text = B::query_text(&mut session, sql::REPLAY_LSN).await?;
+                let replayed = text.as_deref().and_then(|t| t.parse::<Lsn>().ok());
+                if replayed >= Some(lsn) {
+                    return Ok(Some(session));
+                }
+                // Only a SELECT ran on it: dropped here, it goes back to the pool as it came.
             }
-            let now = Instant::now();
+            let now = tokio::time::Instant::now();
             if now >= deadline {
-                return Ok(false);
+                return Ok(None);
             }
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(Duration::from_millis(8));

@@ -102,6 +102,14 @@ impl<B: Backend> Inner<B> {
                         continue;
                     }
                     Ok(Ok(pooled)) => return Ok((w, pooled)),
+                    // Every session is in use and the writer answers: it stays the writer, and
+                    // waiting out the deadline would only pile up more work on it.
+                    Ok(Err(e)) if e.kind == ErrorKind::PoolBusy => {
+                        return Err(Error::PoolExhausted {
+                            node: node.name.to_string(),
+                            waited: started.elapsed(),
+                        });
+                    }
                     Ok(Err(e)) if matches!(e.kind, ErrorKind::Auth | ErrorKind::Config) => {
                         return Err(Error::Backend {
                             node: node.name.to_string(),
