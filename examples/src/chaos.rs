@@ -48,8 +48,8 @@ pub enum Scenario {
     /// while the old primary stays up and writable and replica 1 keeps following it (a split
     /// primary). Reports acknowledged writes that landed only on the old primary.
     SplitPrimary,
-    /// Pools of 4 with a 100 ms checkout timeout, and a hog that keeps every replica's and the
-    /// writer's pool full for 300 ms at a time: busy pools, not dead nodes.
+    /// Pools of 4 with a 250 ms checkout timeout, and a hog that keeps every replica's and the
+    /// writer's pool full for 600 ms at a time: busy pools, not dead nodes.
     BusyPools,
 }
 
@@ -288,8 +288,9 @@ fn scenario_config(scenario: Scenario) -> RouterConfig {
     config
 }
 
-/// Checkout timeout in the busy-pools scenario: shorter than the hog holds its sessions.
-const BUSY_CHECKOUT_TIMEOUT: Duration = Duration::from_millis(100);
+/// Checkout timeout in the busy-pools scenario: shorter than the hog holds its sessions, long
+/// enough to open a connection (SCRAM and the session checks) on a loaded machine.
+const BUSY_CHECKOUT_TIMEOUT: Duration = Duration::from_millis(250);
 /// A request that takes longer than this counts as failed (a write stuck behind a synchronous
 /// commit that no standby will confirm, say).
 const REQUEST_LIMIT: Duration = Duration::from_secs(3);
@@ -788,8 +789,8 @@ fn parse_values(text: &str) -> HashMap<i64, i64> {
         .collect()
 }
 
-/// Keeps every pool full for 300 ms at a time (Eventual reads spread over the replicas, writes on
-/// the primary, each sleeping on the server), then lets go for 200 ms.
+/// Keeps every pool full for 600 ms at a time (Eventual reads spread over the replicas, writes on
+/// the primary, each sleeping on the server), then lets go for 300 ms.
 async fn hog<H: ChaosBackend>(router: Router<H::B>, stop: Arc<AtomicBool>) {
     let eventual = RequestContext::new().consistency(Consistency::Eventual);
     while !stop.load(Ordering::Relaxed) {
@@ -800,7 +801,7 @@ async fn hog<H: ChaosBackend>(router: Router<H::B>, stop: Arc<AtomicBool>) {
             held.push(tokio::spawn(async move {
                 if let Ok(mut r) = router.read_with(&ctx).await {
                     let _ =
-                        <H::B as Backend>::execute_batch(r.pooled(), "SELECT pg_sleep(0.3)").await;
+                        <H::B as Backend>::execute_batch(r.pooled(), "SELECT pg_sleep(0.6)").await;
                 }
             }));
         }
@@ -809,13 +810,13 @@ async fn hog<H: ChaosBackend>(router: Router<H::B>, stop: Arc<AtomicBool>) {
             held.push(tokio::spawn(async move {
                 if let Ok(mut w) = router.write().await {
                     let _ =
-                        <H::B as Backend>::execute_batch(w.pooled(), "SELECT pg_sleep(0.3)").await;
+                        <H::B as Backend>::execute_batch(w.pooled(), "SELECT pg_sleep(0.6)").await;
                 }
             }));
         }
         for h in held {
             let _ = h.await;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
