@@ -18,6 +18,7 @@ mod backend;
 mod config;
 mod context;
 mod error;
+mod handle;
 mod lsn;
 mod marks;
 mod monitor;

@@ -5,23 +5,35 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::backend::sql;
-use crate::router::Inner;
+use crate::handle::TopologyHandle;
 use crate::{Backend, BackendError, ErrorKind, ProbeReport};
 
 /// Re-probes triggered by callers come no closer together than this, per node.
 const MIN_REPROBE_GAP: Duration = Duration::from_millis(10);
 
-pub(crate) fn spawn<B: Backend>(inner: &Arc<Inner<B>>) {
-    for i in 0..inner.nodes.len() {
-        let weak = Arc::downgrade(inner);
-        let nudges = inner.nudges.subscribe();
-        let shutdown = inner.shutdown.subscribe();
-        tokio::spawn(run_node(weak, i, nudges, shutdown));
+/// What the monitor probes with: one pool per node (used by nothing else), and the timing.
+pub(crate) struct Probes<B: Backend> {
+    pub(crate) pools: Vec<B::Pool>,
+    pub(crate) names: Vec<Arc<str>>,
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+}
+
+/// Starts one probing task per node. They hold the topology weakly and stop when it is dropped
+/// or shut down.
+pub(crate) fn spawn<B: Backend>(topo: &Arc<TopologyHandle>, probes: Probes<B>) {
+    let probes = Arc::new(probes);
+    for i in 0..probes.pools.len() {
+        let weak = Arc::downgrade(topo);
+        let nudges = topo.subscribe_nudges();
+        let shutdown = topo.subscribe_shutdown();
+        tokio::spawn(run_node(weak, probes.clone(), i, nudges, shutdown));
     }
 }
 
 async fn run_node<B: Backend>(
-    weak: Weak<Inner<B>>,
+    weak: Weak<TopologyHandle>,
+    probes: Arc<Probes<B>>,
     i: usize,
     mut nudges: tokio::sync::watch::Receiver<u64>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -30,14 +42,15 @@ async fn run_node<B: Backend>(
         if *shutdown.borrow() {
             return;
         }
-        let Some(inner) = weak.upgrade() else { return };
-        let interval = inner.config.probe_interval;
-        let outcome = probe(&inner, i).await;
-        inner.record_probe(i, outcome.as_ref().copied());
-        drop(inner);
+        let outcome = probe(&probes, i).await;
+        let Some(topo) = weak.upgrade() else { return };
+        if topo.record(i, outcome.as_ref().copied()) {
+            tracing::info!(node = %probes.names[i], "topology changed");
+        }
+        drop(topo);
         nudges.mark_unchanged();
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(probes.interval) => {}
             r = nudges.changed() => {
                 if r.is_err() { return; }
                 tokio::time::sleep(MIN_REPROBE_GAP).await;
@@ -47,9 +60,9 @@ async fn run_node<B: Backend>(
     }
 }
 
-async fn probe<B: Backend>(inner: &Inner<B>, i: usize) -> Result<ProbeReport, BackendError> {
-    let pool = &inner.nodes[i].probe_pool;
-    let answer = tokio::time::timeout(inner.config.probe_timeout, async {
+async fn probe<B: Backend>(probes: &Probes<B>, i: usize) -> Result<ProbeReport, BackendError> {
+    let pool = &probes.pools[i];
+    let answer = tokio::time::timeout(probes.timeout, async {
         let mut session = B::checkout(pool).await?;
         B::query_text(&mut session, sql::PROBE).await
     })
@@ -61,7 +74,7 @@ async fn probe<B: Backend>(inner: &Inner<B>, i: usize) -> Result<ProbeReport, Ba
         Ok(Err(e)) => Err(e),
         Err(_) => Err(BackendError::new(
             ErrorKind::Timeout,
-            format!("probe timed out after {:?}", inner.config.probe_timeout),
+            format!("probe timed out after {:?}", probes.timeout),
         )),
     }
 }

@@ -7,18 +7,15 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use parking_lot::Mutex;
-use tokio::sync::watch;
-
+use crate::handle::TopologyHandle;
 use crate::stats::{Counters, bump};
 use crate::topology::Topology;
 use crate::{
     Access, Backend, BackendError, CausalToken, Consistency, Epoch, Error, ErrorKind,
-    InMemoryMarks, NodeConfig, NodeRole, PoolSettings, PoolSpec, ProbeReport, RegionPolicy,
-    ReplicaPicker, RoleHint, RouterConfig, RouterStats, Snapshot, TokenCodec, WriterMarks,
+    InMemoryMarks, NodeConfig, NodeRole, PoolSettings, PoolSpec, RegionPolicy, ReplicaPicker,
+    RoleHint, RouterConfig, RouterStats, Snapshot, TokenCodec, WriterMarks,
 };
 
 mod plan;
@@ -46,7 +43,7 @@ impl<B: Backend> Clone for Router<B> {
 
 impl<B: Backend> std::fmt::Debug for Router<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let snap = self.inner.snapshot.load();
+        let snap = self.inner.topo.load();
         f.debug_struct("Router")
             .field("generation", &snap.generation)
             .field("writer", &snap.writer().map(|n| n.name.clone()))
@@ -67,7 +64,6 @@ pub(crate) struct NodeRuntime<B: Backend> {
     pub(crate) name: Arc<str>,
     pub(super) writer_pool: B::Pool,
     pub(super) reader_pool: B::Pool,
-    pub(crate) probe_pool: B::Pool,
     pub(crate) in_flight: AtomicUsize,
     /// Read sessions log in as a role that may only read ([`NodeConfig::reader_url`]).
     pub(crate) read_only_role: bool,
@@ -76,11 +72,8 @@ pub(crate) struct NodeRuntime<B: Backend> {
 pub(crate) struct Inner<B: Backend> {
     pub(crate) nodes: Vec<NodeRuntime<B>>,
     pub(crate) config: RouterConfig,
-    pub(super) topology: Mutex<Topology>,
-    pub(super) snapshot: ArcSwap<Snapshot>,
-    pub(super) changes: watch::Sender<u64>,
-    pub(crate) nudges: watch::Sender<u64>,
-    pub(crate) shutdown: watch::Sender<bool>,
+    /// Shared with the monitor, which depends on nothing else of the router.
+    pub(super) topo: Arc<TopologyHandle>,
     pub(super) marks: Arc<dyn WriterMarks>,
     pub(super) codec: Option<TokenCodec>,
     pub(super) picker: Box<dyn ReplicaPicker>,
@@ -88,13 +81,11 @@ pub(crate) struct Inner<B: Backend> {
     pub(crate) counters: Counters,
     pub(super) marks_warnings: crate::throttle::WarnThrottle,
     pub(super) max_commit_lsn: AtomicU64,
-    /// The generation and writer identity every pool checks.
-    pub(super) epoch: Epoch,
 }
 
 impl<B: Backend> Drop for Inner<B> {
     fn drop(&mut self) {
-        self.shutdown.send_replace(true);
+        self.topo.shut_down();
     }
 }
 
@@ -194,6 +185,7 @@ impl<B: Backend> RouterBuilder<B> {
             statement_timeout: Some(self.config.probe_timeout),
         };
         let mut nodes = Vec::with_capacity(self.nodes.len());
+        let mut probe_pools = Vec::with_capacity(self.nodes.len());
         for n in &self.nodes {
             let pool = |access, settings| {
                 let mut node = n.clone();
@@ -214,21 +206,23 @@ impl<B: Backend> RouterBuilder<B> {
                 name: Arc::from(n.name.as_str()),
                 writer_pool: pool(Access::ReadWrite, self.config.pool)?,
                 reader_pool: pool(Access::ReadOnly, self.config.pool)?,
-                probe_pool: pool(Access::Probe, probe_settings)?,
                 in_flight: AtomicUsize::new(0),
                 read_only_role: n.reader_url.is_some(),
             });
+            probe_pools.push(pool(Access::Probe, probe_settings)?);
         }
         let topology = Topology::new(&self.nodes, self.config.lag, self.config.ban, epoch.clone());
-        let snapshot = ArcSwap::from_pointee(topology.snapshot());
+        let topo = Arc::new(TopologyHandle::new(topology, epoch));
+        let probes = crate::monitor::Probes::<B> {
+            pools: probe_pools,
+            names: nodes.iter().map(|n| n.name.clone()).collect(),
+            interval: self.config.probe_interval,
+            timeout: self.config.probe_timeout,
+        };
         let inner = Arc::new(Inner {
             nodes,
             config: self.config,
-            topology: Mutex::new(topology),
-            snapshot,
-            changes: watch::channel(0).0,
-            nudges: watch::channel(0).0,
-            shutdown: watch::channel(false).0,
+            topo: topo.clone(),
             marks: self
                 .marks
                 .unwrap_or_else(|| Arc::new(InMemoryMarks::default())),
@@ -238,10 +232,9 @@ impl<B: Backend> RouterBuilder<B> {
             counters: Counters::default(),
             marks_warnings: crate::throttle::WarnThrottle::new(),
             max_commit_lsn: AtomicU64::new(0),
-            epoch,
         });
-        let mut changes = inner.changes.subscribe();
-        crate::monitor::spawn(&inner);
+        let mut changes = topo.subscribe_changes();
+        crate::monitor::spawn(&topo, probes);
         let router = Router { inner };
         let deadline = tokio::time::Instant::now()
             + router.inner.config.probe_timeout
@@ -279,7 +272,7 @@ impl<B: Backend> Router<B> {
 
     /// The latest topology snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.inner.snapshot.load_full()
+        self.inner.topo.load_full()
     }
 
     /// Counters of routing decisions.
@@ -314,7 +307,7 @@ impl<B: Backend> Router<B> {
 
     /// Waits until the topology changes or `timeout` passes; true if it changed.
     pub async fn topology_changed(&self, timeout: Duration) -> bool {
-        let mut rx = self.inner.changes.subscribe();
+        let mut rx = self.inner.topo.subscribe_changes();
         let generation = self.snapshot().generation;
         let deadline = tokio::time::Instant::now() + timeout;
         while tokio::time::timeout_at(deadline, rx.changed())
@@ -331,42 +324,24 @@ impl<B: Backend> Router<B> {
     /// Stops the monitor. Guards already handed out keep working; new requests still route on the
     /// last snapshot.
     pub fn shutdown(&self) {
-        self.inner.shutdown.send_replace(true);
+        self.inner.topo.shut_down();
     }
 }
 
 impl<B: Backend> Inner<B> {
     pub(crate) fn nudge(&self) {
         bump(&self.counters.reprobes_requested);
-        self.nudges.send_modify(|n| *n = n.wrapping_add(1));
+        self.topo.nudge();
     }
 
     /// Applies a probe outcome and publishes a new snapshot.
-    pub(crate) fn record_probe(&self, i: usize, outcome: Result<ProbeReport, &BackendError>) {
-        let now = Instant::now();
-        let mut topo = self.topology.lock();
-        let changed = match outcome {
-            Ok(report) => topo.apply_probe(i, report, now),
-            Err(why) => topo.apply_error(i, why, now),
-        };
-        let snap = topo.snapshot();
-        if let (Some(_), Some(timeline), Some(system_id)) =
-            (snap.writer, snap.timeline, snap.system_id)
-        {
-            self.epoch.set_writer_identity(timeline, system_id);
-        }
-        self.snapshot.store(Arc::new(snap));
-        drop(topo);
-        if changed {
+    /// Applies what a request saw of node `i` to the topology.
+    pub(super) fn record_failure(&self, i: usize, why: &BackendError) {
+        if self.topo.record(i, Err(why)) {
             tracing::info!(node = %self.nodes[i].name, "topology changed");
         }
-        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// A node failed a request (a checkout or a session). A replica is banned at once (reads go
-    /// elsewhere until probes readmit it); anything else, the writer above all, only gets a
-    /// re-probe: the monitor alone decides the writer is gone, so one broken session does not
-    /// unseat it. A full pool ([`ErrorKind::PoolBusy`]) is load, not a fault: nothing happens.
     pub(super) fn report_failure(&self, i: usize, why: &BackendError) {
         if why.kind == ErrorKind::PoolBusy {
             tracing::debug!(node = %self.nodes[i].name, error = %why, "pool busy");
@@ -374,8 +349,8 @@ impl<B: Backend> Inner<B> {
         }
         bump(&self.counters.checkout_failures);
         tracing::warn!(node = %self.nodes[i].name, error = %why, "node failed on the request path");
-        if self.snapshot.load().nodes[i].role == NodeRole::Replica {
-            self.record_probe(i, Err(why));
+        if self.topo.load().nodes[i].role == NodeRole::Replica {
+            self.record_failure(i, why);
         }
         self.nudge();
     }
@@ -413,7 +388,7 @@ impl<B: Backend> Inner<B> {
 
     /// `name: last error` of every unreachable node, for error messages.
     pub(super) fn node_errors(&self) -> String {
-        let snap = self.snapshot.load();
+        let snap = self.topo.load();
         let errors: Vec<String> = snap
             .nodes
             .iter()

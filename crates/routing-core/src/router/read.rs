@@ -27,7 +27,7 @@ impl<B: Backend> Router<B> {
     /// A read session routed for this request: see [`Consistency`].
     pub async fn read_with(&self, ctx: &RequestContext) -> Result<ReadConn<B>, Error> {
         let inner = &self.inner;
-        let snap = inner.snapshot.load_full();
+        let snap = inner.topo.load_full();
         let mode = if ctx.force_primary {
             Consistency::Primary
         } else {

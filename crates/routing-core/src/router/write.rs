@@ -56,9 +56,9 @@ impl<B: Backend> Inner<B> {
     ) -> Result<(usize, B::Pooled), Error> {
         let started = tokio::time::Instant::now();
         let deadline = started + self.config.write_deadline;
-        let mut changes = self.changes.subscribe();
+        let mut changes = self.topo.subscribe_changes();
         loop {
-            let snap = self.snapshot.load_full();
+            let snap = self.topo.load_full();
             if let Some(w) = snap.writer {
                 let node = &self.nodes[w];
                 let pool = if access == Access::ReadWrite {
@@ -67,7 +67,7 @@ impl<B: Backend> Inner<B> {
                     &node.reader_pool
                 };
                 changes.borrow_and_update();
-                let generation = self.epoch.generation();
+                let generation = self.topo.epoch().generation();
                 let checkout = tokio::time::timeout_at(deadline, B::checkout(pool));
                 tokio::pin!(checkout);
                 // A checkout on a writer that stopped answering (blackholed, not refusing) can
@@ -78,7 +78,7 @@ impl<B: Backend> Inner<B> {
                         biased;
                         outcome = &mut checkout => break Some(outcome),
                         Ok(()) = changes.changed() => {
-                            if self.snapshot.load().writer != Some(w) {
+                            if self.topo.load().writer != Some(w) {
                                 break None;
                             }
                         }
@@ -94,8 +94,8 @@ impl<B: Backend> Inner<B> {
                     // A session the pool made while the generation moved (sqlx cannot stamp a
                     // new connection) may be on the server the topology just left behind.
                     Ok(Ok(pooled))
-                        if self.snapshot.load().writer != Some(w)
-                            || self.epoch.generation() != generation =>
+                        if self.topo.load().writer != Some(w)
+                            || self.topo.epoch().generation() != generation =>
                     {
                         let mut pooled = pooled;
                         B::discard(&mut pooled);
@@ -342,7 +342,7 @@ impl<B: Backend> WriteConn<B> {
         }
         // Recorded, or reported as not recorded: the drop path has nothing left to do.
         self.session.pending_mark = None;
-        let snap = inner.snapshot.load();
+        let snap = inner.topo.load();
         let causal = CausalToken {
             lsn,
             timeline: snap.nodes[self.session.node]
