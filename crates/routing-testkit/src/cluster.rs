@@ -22,9 +22,22 @@ pub const APP_PASSWORD: &str = "app-secret";
 pub const READER_ROLE: &str = "routing_reader";
 /// Password of [`READER_ROLE`].
 pub const READER_PASSWORD: &str = "reader-secret";
+/// The application's writer role a router's write sessions log in as ([`Cluster::writer_url`]):
+/// `LOGIN`, not a superuser, with `CREATE` on schema `public` (PostgreSQL 15 no longer grants it
+/// to PUBLIC) so tests can create their tables, and nothing else: it owns what it creates.
+pub const WRITER_ROLE: &str = "routing_app";
+/// Password of [`WRITER_ROLE`].
+pub const WRITER_PASSWORD: &str = "writer-secret";
+/// The monitoring role a router's probes log in as ([`Cluster::monitor_url`]): `LOGIN`,
+/// `IN ROLE pg_monitor` and nothing else. `pg_monitor` (through `pg_read_all_stats`) is what
+/// shows a replica's timeline in `pg_stat_wal_receiver`; the rest of the probe, the system
+/// identifier (`pg_control_system()`) included, is executable by PUBLIC.
+pub const MONITOR_ROLE: &str = "routing_monitor";
+/// Password of [`MONITOR_ROLE`].
+pub const MONITOR_PASSWORD: &str = "monitor-secret";
 
 /// Bump when the template's content changes, so caches from older kits are not reused.
-const TEMPLATE_VERSION: u32 = 2;
+const TEMPLATE_VERSION: u32 = 3;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Long enough for `pg_promote(true, 30)`.
@@ -385,7 +398,10 @@ fn build_template(pg: &PgBins, tmp: &Path, run_as: Option<RunAs>) -> Result<(), 
     proc::as_server(&mut single, run_as);
     let sql = format!(
         "CREATE ROLE app LOGIN SUPERUSER PASSWORD '{APP_PASSWORD}';\n\
-         CREATE ROLE {READER_ROLE} LOGIN PASSWORD '{READER_PASSWORD}' IN ROLE pg_read_all_data;\n"
+         CREATE ROLE {READER_ROLE} LOGIN PASSWORD '{READER_PASSWORD}' IN ROLE pg_read_all_data;\n\
+         CREATE ROLE {WRITER_ROLE} LOGIN PASSWORD '{WRITER_PASSWORD}';\n\
+         GRANT CREATE ON SCHEMA public TO {WRITER_ROLE};\n\
+         CREATE ROLE {MONITOR_ROLE} LOGIN PASSWORD '{MONITOR_PASSWORD}' IN ROLE pg_monitor;\n"
     );
     proc::run(
         &mut single,
@@ -708,6 +724,8 @@ impl Cluster {
     }
 
     /// Superuser URL of node `i` (trust auth): `postgres://postgres@127.0.0.1:PORT/postgres`.
+    /// For inspection and fault injection, and for the rare router test that needs a superuser
+    /// session; routers normally use [`Cluster::node_configs`], whose roles are least-privileged.
     pub fn url(&self, i: usize) -> String {
         format!(
             "postgres://postgres@127.0.0.1:{}/postgres",
@@ -734,20 +752,42 @@ impl Cluster {
         )
     }
 
+    /// URL of node `i` for [`WRITER_ROLE`], the application's least-privilege writer.
+    pub fn writer_url(&self, i: usize) -> String {
+        format!(
+            "postgres://{WRITER_ROLE}:{}@127.0.0.1:{}/postgres",
+            percent_encode(WRITER_PASSWORD),
+            self.nodes[i].port()
+        )
+    }
+
+    /// URL of node `i` for [`MONITOR_ROLE`], the least-privilege monitoring role.
+    pub fn monitor_url(&self, i: usize) -> String {
+        format!(
+            "postgres://{MONITOR_ROLE}:{}@127.0.0.1:{}/postgres",
+            percent_encode(MONITOR_PASSWORD),
+            self.nodes[i].port()
+        )
+    }
+
     /// Every node as a router sees it: the current primary as a writer candidate, the others as
-    /// replicas, named like the kit's nodes (`pg0`, `pg1`, ...), over [`Cluster::url`], with
-    /// read sessions logging in as [`READER_ROLE`] ([`Cluster::reader_url`]).
+    /// replicas, named like the kit's nodes (`pg0`, `pg1`, ...), each role least-privileged:
+    /// writes log in as [`WRITER_ROLE`] ([`Cluster::writer_url`]), reads as [`READER_ROLE`]
+    /// ([`Cluster::reader_url`]) and the monitor's probes as [`MONITOR_ROLE`]
+    /// ([`Cluster::monitor_url`]). No router session is a superuser's; the kit's own fault
+    /// injection and inspection ([`Cluster::psql`], [`Cluster::url`]) are.
     pub fn node_configs(&self) -> Vec<routing_core::NodeConfig> {
         let primary = self.primary();
         (0..self.nodes.len())
             .map(|i| {
-                let (name, url) = (self.nodes[i].name().to_string(), self.url(i));
+                let (name, url) = (self.nodes[i].name().to_string(), self.writer_url(i));
                 let node = if i == primary {
                     routing_core::NodeConfig::writer(name, url)
                 } else {
                     routing_core::NodeConfig::replica(name, url)
                 };
                 node.reader_url(self.reader_url(i))
+                    .monitor_url(self.monitor_url(i))
             })
             .collect()
     }
