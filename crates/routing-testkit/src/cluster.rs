@@ -24,7 +24,9 @@ pub const READER_ROLE: &str = "routing_reader";
 pub const READER_PASSWORD: &str = "reader-secret";
 /// The application's writer role a router's write sessions log in as ([`Cluster::writer_url`]):
 /// `LOGIN`, not a superuser, with `CREATE` on schema `public` (PostgreSQL 15 no longer grants it
-/// to PUBLIC) so tests can create their tables, and nothing else: it owns what it creates.
+/// to PUBLIC) so tests can create their tables, which it then owns; and, through default
+/// privileges, `SELECT, INSERT, UPDATE, DELETE` on tables (and `USAGE, SELECT` on sequences)
+/// that the superuser creates in `public` with [`Cluster::psql`], as a migration role would.
 pub const WRITER_ROLE: &str = "routing_app";
 /// Password of [`WRITER_ROLE`].
 pub const WRITER_PASSWORD: &str = "writer-secret";
@@ -37,7 +39,7 @@ pub const MONITOR_ROLE: &str = "routing_monitor";
 pub const MONITOR_PASSWORD: &str = "monitor-secret";
 
 /// Bump when the template's content changes, so caches from older kits are not reused.
-const TEMPLATE_VERSION: u32 = 3;
+const TEMPLATE_VERSION: u32 = 4;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Long enough for `pg_promote(true, 30)`.
@@ -304,11 +306,12 @@ fn ensure_template(pg: &PgBins, base: &Path, run_as: Option<RunAs>) -> Result<Pa
     let postgres = pg.tool("postgres");
     let meta = std::fs::metadata(&postgres)?;
     let key = fnv1a(&format!(
-        "{}|{}|{}|{:?}|{TEMPLATE_VERSION}",
+        "{}|{}|{}|{:?}|{TEMPLATE_VERSION}|{PG_HBA}|{}",
         postgres.display(),
         meta.mtime(),
         meta.size(),
-        run_as.map(|r| r.uid)
+        run_as.map(|r| r.uid),
+        template_sql()
     ));
     let final_dir = base.join(format!("template-v{TEMPLATE_VERSION}-{key:016x}"));
     let data = final_dir.join("data");
@@ -396,13 +399,7 @@ fn build_template(pg: &PgBins, tmp: &Path, run_as: Option<RunAs>) -> Result<(), 
         .arg("postgres")
         .current_dir(tmp);
     proc::as_server(&mut single, run_as);
-    let sql = format!(
-        "CREATE ROLE app LOGIN SUPERUSER PASSWORD '{APP_PASSWORD}';\n\
-         CREATE ROLE {READER_ROLE} LOGIN PASSWORD '{READER_PASSWORD}' IN ROLE pg_read_all_data;\n\
-         CREATE ROLE {WRITER_ROLE} LOGIN PASSWORD '{WRITER_PASSWORD}';\n\
-         GRANT CREATE ON SCHEMA public TO {WRITER_ROLE};\n\
-         CREATE ROLE {MONITOR_ROLE} LOGIN PASSWORD '{MONITOR_PASSWORD}' IN ROLE pg_monitor;\n"
-    );
+    let sql = template_sql();
     proc::run(
         &mut single,
         Some(&sql),
@@ -411,6 +408,22 @@ fn build_template(pg: &PgBins, tmp: &Path, run_as: Option<RunAs>) -> Result<(), 
     )?;
     std::fs::write(tmp.join("ok"), "")?;
     Ok(())
+}
+
+/// The roles and grants every cluster starts with (run in single-user mode, one statement a
+/// line). Part of the template's cache key, so a template with other roles is never reused.
+fn template_sql() -> String {
+    format!(
+        "CREATE ROLE app LOGIN SUPERUSER PASSWORD '{APP_PASSWORD}';\n\
+         CREATE ROLE {READER_ROLE} LOGIN PASSWORD '{READER_PASSWORD}' IN ROLE pg_read_all_data;\n\
+         CREATE ROLE {WRITER_ROLE} LOGIN PASSWORD '{WRITER_PASSWORD}';\n\
+         GRANT CREATE ON SCHEMA public TO {WRITER_ROLE};\n\
+         ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public \
+           GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {WRITER_ROLE};\n\
+         ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public \
+           GRANT USAGE, SELECT ON SEQUENCES TO {WRITER_ROLE};\n\
+         CREATE ROLE {MONITOR_ROLE} LOGIN PASSWORD '{MONITOR_PASSWORD}' IN ROLE pg_monitor;\n"
+    )
 }
 
 fn fnv1a(s: &str) -> u64 {

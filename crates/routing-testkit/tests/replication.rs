@@ -115,6 +115,21 @@ fn node_configs_use_least_privilege_roles() {
         .unwrap(),
         "t"
     );
+    // Tables the superuser creates (as a migration would) are the writer's to use, not the
+    // monitor's to read.
+    let t = table("grants");
+    c.psql(0, &format!("CREATE TABLE {t} (x int)")).unwrap();
+    assert_eq!(
+        c.psql(
+            0,
+            &format!(
+                "SELECT has_table_privilege('{WRITER_ROLE}', '{t}', 'INSERT, UPDATE, DELETE') \
+                 || ' ' || has_table_privilege('{MONITOR_ROLE}', '{t}', 'SELECT')"
+            )
+        )
+        .unwrap(),
+        "true false"
+    );
     let sysid = c
         .psql(0, "SELECT system_identifier FROM pg_control_system()")
         .unwrap();
