@@ -28,18 +28,19 @@ pub const READER_PASSWORD: &str = "reader-secret";
 /// privileges, `SELECT, INSERT, UPDATE, DELETE` on tables (and `USAGE, SELECT` on sequences)
 /// that the superuser creates in `public` with [`Cluster::psql`], as a migration role would.
 pub const WRITER_ROLE: &str = "routing_app";
-/// Password of [`WRITER_ROLE`].
+/// Password of [`WRITER_ROLE`] (carried in its URLs; the kit lets the role in on loopback
+/// without a password exchange, like the superuser, to keep logins cheap).
 pub const WRITER_PASSWORD: &str = "writer-secret";
 /// The monitoring role a router's probes log in as ([`Cluster::monitor_url`]): `LOGIN`,
 /// `IN ROLE pg_monitor` and nothing else. `pg_monitor` (through `pg_read_all_stats`) is what
 /// shows a replica's timeline in `pg_stat_wal_receiver`; the rest of the probe, the system
 /// identifier (`pg_control_system()`) included, is executable by PUBLIC.
 pub const MONITOR_ROLE: &str = "routing_monitor";
-/// Password of [`MONITOR_ROLE`].
+/// Password of [`MONITOR_ROLE`] (carried in its URLs; like [`WRITER_PASSWORD`], not checked).
 pub const MONITOR_PASSWORD: &str = "monitor-secret";
 
 /// Bump when the template's content changes, so caches from older kits are not reused.
-const TEMPLATE_VERSION: u32 = 4;
+const TEMPLATE_VERSION: u32 = 5;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Long enough for `pg_promote(true, 30)`.
@@ -283,12 +284,19 @@ fn prepare_base(base: &Path, run_as: Option<RunAs>) -> Result<(), KitError> {
     Ok(())
 }
 
+/// The least-privilege roles every router uses ([`WRITER_ROLE`], [`MONITOR_ROLE`]) log in like
+/// the superuser, without a password exchange: their privileges are what tests check, and a
+/// SCRAM login takes ~0.1 s in a debug build (over a second on a loaded 2-core machine, against
+/// tens of milliseconds without), which failover tests, opening dozens of sessions at once, and the monitor, renewing
+/// its session every second, cannot afford. `app` and [`READER_ROLE`] keep real passwords.
 const PG_HBA: &str = "\
-# routing-testkit: trust for the superuser and replication, real passwords for everyone else
+# routing-testkit: trust for the superuser, replication and the least-privilege writer and
+# monitor roles, real passwords for everyone else
 local   all          postgres                 trust
 local   replication  postgres                 trust
 host    all          postgres  127.0.0.1/32   trust
 host    replication  postgres  127.0.0.1/32   trust
+host    all          routing_app,routing_monitor  127.0.0.1/32  trust
 local   all          all                      scram-sha-256
 host    all          all       127.0.0.1/32   scram-sha-256
 ";
