@@ -39,6 +39,10 @@ pub struct NodeConfig {
     /// them only, so a read that needs an LSN verifies the replay position of the session it got
     /// instead of trusting the snapshot.
     pub load_balanced: bool,
+    /// Connection string for this node's monitor probes, when they should log in as another
+    /// role than `url`'s: a least-privilege monitoring role (see [`NodeConfig::monitor_url`]
+    /// for the grants). `None`: probes use `url`.
+    pub monitor_url: Option<ConnString>,
 }
 
 impl NodeConfig {
@@ -61,6 +65,7 @@ impl NodeConfig {
             weight: 1,
             reader_url: None,
             load_balanced: false,
+            monitor_url: None,
         }
     }
 
@@ -84,10 +89,46 @@ impl NodeConfig {
         self
     }
 
-    /// The connection string for sessions of this access.
+    /// The monitor probes this node logging in with this connection string, so that neither
+    /// the application's role nor a superuser is needed for monitoring.
+    ///
+    /// # Least-privilege roles
+    ///
+    /// No role the router uses needs to be a superuser. What each one needs (PostgreSQL 15):
+    ///
+    /// - **Monitor** (`monitor_url`): `LOGIN` and membership in `pg_monitor`
+    ///   (`CREATE ROLE routing_monitor LOGIN PASSWORD '...' IN ROLE pg_monitor`). The probe
+    ///   ([`crate::sql::PROBE`]) reads a replica's timeline from
+    ///   `pg_stat_wal_receiver.received_tli`, whose columns read as NULL to roles without
+    ///   `pg_read_all_stats` (which `pg_monitor` includes): without it the snapshot shows every
+    ///   replica's timeline as unknown. Everything else in the probe (`pg_is_in_recovery()`, the
+    ///   WAL positions, the replay timestamp, `pg_walfile_name()` and `pg_control_system()`, the
+    ///   system identifier) is executable by PUBLIC on a default installation; where
+    ///   `pg_control_system()` was revoked from PUBLIC, also
+    ///   `GRANT EXECUTE ON FUNCTION pg_catalog.pg_control_system() TO routing_monitor`, or the
+    ///   system identifier reads as unknown and causal tokens are signed without one (then never
+    ///   trusted for replica choice). The monitor needs no access to any table.
+    /// - **Readers** ([`NodeConfig::reader_url`]): `LOGIN` and read access to what the
+    ///   application reads, and nothing it could write with: `IN ROLE pg_read_all_data`, or
+    ///   `USAGE` on the schemas and `SELECT` on the tables.
+    /// - **Writer** (`url`): `LOGIN` and what the application's statements need, nothing more:
+    ///   `CONNECT` on the database, `USAGE` (and `CREATE`, for migrations; PostgreSQL 15 no
+    ///   longer grants it to PUBLIC on `public`) on its schemas, and `SELECT`/`INSERT`/`UPDATE`/
+    ///   `DELETE` on its tables, or ownership of them. The router's own statements on writer
+    ///   sessions (`pg_is_in_recovery()`, `pg_current_wal_insert_lsn()`, the session reset) need
+    ///   no grant.
+    pub fn monitor_url(mut self, url: impl Into<ConnString>) -> Self {
+        self.monitor_url = Some(url.into());
+        self
+    }
+
+    /// The connection string for sessions of this access: [`NodeConfig::reader_url`] for read
+    /// sessions and [`NodeConfig::monitor_url`] for the monitor's probes when set, `url`
+    /// otherwise (always for writes).
     pub fn url_for(&self, access: crate::Access) -> &ConnString {
-        match (access, &self.reader_url) {
-            (crate::Access::ReadOnly, Some(url)) => url,
+        match (access, &self.reader_url, &self.monitor_url) {
+            (crate::Access::ReadOnly, Some(url), _) => url,
+            (crate::Access::Probe, _, Some(url)) => url,
             _ => &self.url,
         }
     }
@@ -249,6 +290,17 @@ impl RouterConfig {
             if n.url.expose().trim().is_empty() {
                 return Err(Error::Config(format!("node {:?} has an empty URL", n.name)));
             }
+            for (field, url) in [
+                ("reader_url", &n.reader_url),
+                ("monitor_url", &n.monitor_url),
+            ] {
+                if url.as_ref().is_some_and(|u| u.expose().trim().is_empty()) {
+                    return Err(Error::Config(format!(
+                        "node {:?} has an empty {field}",
+                        n.name
+                    )));
+                }
+            }
         }
         let hour = Duration::from_secs(3600);
         let ranged = |name: &str, d: Duration, min: Duration, max: Duration| -> Result<(), Error> {
@@ -291,5 +343,54 @@ impl RouterConfig {
             return bad("RecentWriterTtl ttl must not exceed mark_ttl (marks would expire first)");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Access;
+
+    #[test]
+    fn each_access_logs_in_with_its_own_url() {
+        let plain = NodeConfig::writer("n", "postgres://app@h/db");
+        for access in [Access::ReadWrite, Access::ReadOnly, Access::Probe] {
+            assert_eq!(plain.url_for(access).expose(), "postgres://app@h/db");
+        }
+        let split = plain
+            .reader_url("postgres://reader@h/db")
+            .monitor_url("postgres://monitor@h/db");
+        assert_eq!(
+            split.url_for(Access::ReadWrite).expose(),
+            "postgres://app@h/db"
+        );
+        assert_eq!(
+            split.url_for(Access::ReadOnly).expose(),
+            "postgres://reader@h/db"
+        );
+        assert_eq!(
+            split.url_for(Access::Probe).expose(),
+            "postgres://monitor@h/db"
+        );
+        let monitor_only =
+            NodeConfig::replica("r", "postgres://app@h/db").monitor_url("postgres://monitor@h/db");
+        assert_eq!(
+            monitor_only.url_for(Access::ReadOnly).expose(),
+            "postgres://app@h/db"
+        );
+        assert_eq!(
+            monitor_only.url_for(Access::Probe).expose(),
+            "postgres://monitor@h/db"
+        );
+    }
+
+    #[test]
+    fn empty_optional_urls_are_config_errors() {
+        let config = RouterConfig::default();
+        let node = NodeConfig::writer("n", "postgres://app@h/db");
+        assert!(config.validate(std::slice::from_ref(&node)).is_ok());
+        for bad in [node.clone().monitor_url(" "), node.reader_url("")] {
+            assert!(matches!(config.validate(&[bad]), Err(Error::Config(_))));
+        }
     }
 }

@@ -6,7 +6,7 @@ use routing_diesel::diesel_async::RunQueryDsl;
 use routing_diesel::{
     Consistency, NodeConfig, RequestContext, Router, RouterConfig, commit_lsn, diesel, replay_lsn,
 };
-use routing_testkit::Cluster;
+use routing_testkit::{Cluster, WRITER_PASSWORD, WRITER_ROLE};
 
 fn cluster() -> &'static Cluster {
     tokio::task::block_in_place(routing_testkit::shared)
@@ -41,12 +41,12 @@ async fn multi_host_writer_urls_reach_the_writable_host() {
     let c = cluster();
     let (p0, p1) = (c.node(0).port(), c.node(1).port());
     let endpoint = format!(
-        "postgres://postgres@127.0.0.1:{p1},127.0.0.1:{p0}/postgres?target_session_attrs=read-write"
+        "postgres://{WRITER_ROLE}:{WRITER_PASSWORD}@127.0.0.1:{p1},127.0.0.1:{p0}/postgres?target_session_attrs=read-write"
     );
     let r: Router = routing_diesel::builder()
         .node(NodeConfig::writer("writer-endpoint", endpoint))
-        .node(NodeConfig::replica("r1", c.url(1)))
-        .node(NodeConfig::replica("r2", c.url(2)))
+        .node(NodeConfig::replica("r1", c.writer_url(1)))
+        .node(NodeConfig::replica("r2", c.writer_url(2)))
         .config(config())
         .build()
         .await
@@ -75,8 +75,8 @@ async fn typed_lsn_helpers_agree_with_the_commit_lsn() {
     let c = cluster();
     let r: Router = routing_diesel::builder()
         .nodes([
-            NodeConfig::writer("p", c.url(0)),
-            NodeConfig::replica("r1", c.url(1)),
+            NodeConfig::writer("p", c.writer_url(0)),
+            NodeConfig::replica("r1", c.writer_url(1)),
         ])
         .config(config())
         .build()
@@ -115,9 +115,9 @@ async fn diesel_query_errors_map_to_typed_router_errors() {
     let c = cluster();
     let r: Router = routing_diesel::builder()
         .nodes([
-            NodeConfig::writer("p", c.url(0)),
-            NodeConfig::replica("r1", c.url(1)),
-            NodeConfig::replica("r2", c.url(2)),
+            NodeConfig::writer("p", c.writer_url(0)),
+            NodeConfig::replica("r1", c.writer_url(1)),
+            NodeConfig::replica("r2", c.writer_url(2)),
         ])
         .config(config())
         .build()

@@ -145,11 +145,16 @@ async fn the_writer_pool_refuses_a_node_in_recovery() {
 
     // The pool itself: the connect-time check fails fast with NotWriter.
     // (The pool's timeout is 2 s.)
-    let err = failed_checkout(c.url(replica), Access::ReadWrite, Duration::from_secs(1)).await;
+    let err = failed_checkout(
+        c.writer_url(replica),
+        Access::ReadWrite,
+        Duration::from_secs(1),
+    )
+    .await;
     assert_eq!(err.kind, ErrorKind::NotWriter, "{err}");
     // The same node serves read-only sessions.
     let readers = SqlxBackend::new()
-        .build_pool(spec(c.url(replica), Access::ReadOnly))
+        .build_pool(spec(c.writer_url(replica), Access::ReadOnly))
         .unwrap();
     let mut s = SqlxBackend::checkout(&readers).await.unwrap();
     let v = SqlxBackend::query_text(&mut s, routing_sqlx::sql::WRITER_CHECK)
@@ -159,7 +164,7 @@ async fn the_writer_pool_refuses_a_node_in_recovery() {
 
     // A router whose only writer candidate is a replica never sends a write: typed error.
     let r = Router::builder(SqlxBackend::new())
-        .node(NodeConfig::writer("not-a-primary", c.url(replica)))
+        .node(NodeConfig::writer("not-a-primary", c.writer_url(replica)))
         .config(RouterConfig {
             write_deadline: Duration::from_millis(500),
             ..fast_config()
@@ -342,8 +347,8 @@ async fn a_dead_replica_is_left_at_once_and_readmitted() {
     let c = ClusterBuilder::new().replicas(1).start().unwrap();
     // Probes far apart: the request path alone must notice the dead replica.
     let r = Router::builder(SqlxBackend::new())
-        .node(NodeConfig::writer("n0", c.url(0)))
-        .node(NodeConfig::replica("n1", c.url(1)))
+        .node(NodeConfig::writer("n0", c.writer_url(0)))
+        .node(NodeConfig::replica("n1", c.writer_url(1)))
         .config(RouterConfig {
             probe_interval: Duration::from_secs(30),
             ..fast_config()

@@ -16,15 +16,31 @@ use crate::{KitError, cleanup, ports};
 
 /// Password of the `app` role (LOGIN SUPERUSER, scram-sha-256), for tests that need real auth.
 pub const APP_PASSWORD: &str = "app-secret";
-/// Role that may read everything and write nothing (`pg_read_all_data`, scram-sha-256): what
+/// Role that may read everything and write nothing (`pg_read_all_data`; trusted on loopback like the other router roles): what
 /// a router's read sessions log in as ([`Cluster::reader_url`]), so that no `BEGIN READ WRITE`
 /// on the primary can write through one.
 pub const READER_ROLE: &str = "routing_reader";
 /// Password of [`READER_ROLE`].
 pub const READER_PASSWORD: &str = "reader-secret";
+/// The application's writer role a router's write sessions log in as ([`Cluster::writer_url`]):
+/// `LOGIN`, not a superuser, with `CREATE` on schema `public` (PostgreSQL 15 no longer grants it
+/// to PUBLIC) so tests can create their tables, which it then owns; and, through default
+/// privileges, `SELECT, INSERT, UPDATE, DELETE` on tables (and `USAGE, SELECT` on sequences)
+/// that the superuser creates in `public` with [`Cluster::psql`], as a migration role would.
+pub const WRITER_ROLE: &str = "routing_app";
+/// Password of [`WRITER_ROLE`] (carried in its URLs; the kit lets the role in on loopback
+/// without a password exchange, like the superuser, to keep logins cheap).
+pub const WRITER_PASSWORD: &str = "writer-secret";
+/// The monitoring role a router's probes log in as ([`Cluster::monitor_url`]): `LOGIN`,
+/// `IN ROLE pg_monitor` and nothing else. `pg_monitor` (through `pg_read_all_stats`) is what
+/// shows a replica's timeline in `pg_stat_wal_receiver`; the rest of the probe, the system
+/// identifier (`pg_control_system()`) included, is executable by PUBLIC.
+pub const MONITOR_ROLE: &str = "routing_monitor";
+/// Password of [`MONITOR_ROLE`] (carried in its URLs; like [`WRITER_PASSWORD`], not checked).
+pub const MONITOR_PASSWORD: &str = "monitor-secret";
 
 /// Bump when the template's content changes, so caches from older kits are not reused.
-const TEMPLATE_VERSION: u32 = 2;
+const TEMPLATE_VERSION: u32 = 6;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Long enough for `pg_promote(true, 30)`.
@@ -268,12 +284,20 @@ fn prepare_base(base: &Path, run_as: Option<RunAs>) -> Result<(), KitError> {
     Ok(())
 }
 
+/// The least-privilege roles every router uses ([`WRITER_ROLE`], [`MONITOR_ROLE`]) log in like
+/// the superuser, without a password exchange: their privileges are what tests check, and a
+/// SCRAM login takes ~0.1 s in a debug build (over a second on a loaded 2-core machine, against
+/// tens of milliseconds without), which failover tests, opening dozens of sessions at once, and the monitor, renewing
+/// its session every second, cannot afford. `app` and [`READER_ROLE`] keep real passwords.
 const PG_HBA: &str = "\
-# routing-testkit: trust for the superuser and replication, real passwords for everyone else
+# routing-testkit: trust for the superuser, replication and the router's least-privilege roles
+# (their privileges are what tests check; SCRAM in a debug build costs up to seconds a login on
+# a loaded machine), real passwords for `app`, which the authentication tests use
 local   all          postgres                 trust
 local   replication  postgres                 trust
 host    all          postgres  127.0.0.1/32   trust
 host    replication  postgres  127.0.0.1/32   trust
+host    all          routing_app,routing_monitor,routing_reader  127.0.0.1/32  trust
 local   all          all                      scram-sha-256
 host    all          all       127.0.0.1/32   scram-sha-256
 ";
@@ -291,11 +315,12 @@ fn ensure_template(pg: &PgBins, base: &Path, run_as: Option<RunAs>) -> Result<Pa
     let postgres = pg.tool("postgres");
     let meta = std::fs::metadata(&postgres)?;
     let key = fnv1a(&format!(
-        "{}|{}|{}|{:?}|{TEMPLATE_VERSION}",
+        "{}|{}|{}|{:?}|{TEMPLATE_VERSION}|{PG_HBA}|{}",
         postgres.display(),
         meta.mtime(),
         meta.size(),
-        run_as.map(|r| r.uid)
+        run_as.map(|r| r.uid),
+        template_sql()
     ));
     let final_dir = base.join(format!("template-v{TEMPLATE_VERSION}-{key:016x}"));
     let data = final_dir.join("data");
@@ -383,10 +408,7 @@ fn build_template(pg: &PgBins, tmp: &Path, run_as: Option<RunAs>) -> Result<(), 
         .arg("postgres")
         .current_dir(tmp);
     proc::as_server(&mut single, run_as);
-    let sql = format!(
-        "CREATE ROLE app LOGIN SUPERUSER PASSWORD '{APP_PASSWORD}';\n\
-         CREATE ROLE {READER_ROLE} LOGIN PASSWORD '{READER_PASSWORD}' IN ROLE pg_read_all_data;\n"
-    );
+    let sql = template_sql();
     proc::run(
         &mut single,
         Some(&sql),
@@ -395,6 +417,22 @@ fn build_template(pg: &PgBins, tmp: &Path, run_as: Option<RunAs>) -> Result<(), 
     )?;
     std::fs::write(tmp.join("ok"), "")?;
     Ok(())
+}
+
+/// The roles and grants every cluster starts with (run in single-user mode, one statement a
+/// line). Part of the template's cache key, so a template with other roles is never reused.
+fn template_sql() -> String {
+    format!(
+        "CREATE ROLE app LOGIN SUPERUSER PASSWORD '{APP_PASSWORD}';\n\
+         CREATE ROLE {READER_ROLE} LOGIN PASSWORD '{READER_PASSWORD}' IN ROLE pg_read_all_data;\n\
+         CREATE ROLE {WRITER_ROLE} LOGIN PASSWORD '{WRITER_PASSWORD}';\n\
+         GRANT CREATE ON SCHEMA public TO {WRITER_ROLE};\n\
+         ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public \
+           GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {WRITER_ROLE};\n\
+         ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public \
+           GRANT USAGE, SELECT ON SEQUENCES TO {WRITER_ROLE};\n\
+         CREATE ROLE {MONITOR_ROLE} LOGIN PASSWORD '{MONITOR_PASSWORD}' IN ROLE pg_monitor;\n"
+    )
 }
 
 fn fnv1a(s: &str) -> u64 {
@@ -708,6 +746,8 @@ impl Cluster {
     }
 
     /// Superuser URL of node `i` (trust auth): `postgres://postgres@127.0.0.1:PORT/postgres`.
+    /// For inspection and fault injection, and for the rare router test that needs a superuser
+    /// session; routers normally use [`Cluster::node_configs`], whose roles are least-privileged.
     pub fn url(&self, i: usize) -> String {
         format!(
             "postgres://postgres@127.0.0.1:{}/postgres",
@@ -734,20 +774,42 @@ impl Cluster {
         )
     }
 
+    /// URL of node `i` for [`WRITER_ROLE`], the application's least-privilege writer.
+    pub fn writer_url(&self, i: usize) -> String {
+        format!(
+            "postgres://{WRITER_ROLE}:{}@127.0.0.1:{}/postgres",
+            percent_encode(WRITER_PASSWORD),
+            self.nodes[i].port()
+        )
+    }
+
+    /// URL of node `i` for [`MONITOR_ROLE`], the least-privilege monitoring role.
+    pub fn monitor_url(&self, i: usize) -> String {
+        format!(
+            "postgres://{MONITOR_ROLE}:{}@127.0.0.1:{}/postgres",
+            percent_encode(MONITOR_PASSWORD),
+            self.nodes[i].port()
+        )
+    }
+
     /// Every node as a router sees it: the current primary as a writer candidate, the others as
-    /// replicas, named like the kit's nodes (`pg0`, `pg1`, ...), over [`Cluster::url`], with
-    /// read sessions logging in as [`READER_ROLE`] ([`Cluster::reader_url`]).
+    /// replicas, named like the kit's nodes (`pg0`, `pg1`, ...), each role least-privileged:
+    /// writes log in as [`WRITER_ROLE`] ([`Cluster::writer_url`]), reads as [`READER_ROLE`]
+    /// ([`Cluster::reader_url`]) and the monitor's probes as [`MONITOR_ROLE`]
+    /// ([`Cluster::monitor_url`]). No router session is a superuser's; the kit's own fault
+    /// injection and inspection ([`Cluster::psql`], [`Cluster::url`]) are.
     pub fn node_configs(&self) -> Vec<routing_core::NodeConfig> {
         let primary = self.primary();
         (0..self.nodes.len())
             .map(|i| {
-                let (name, url) = (self.nodes[i].name().to_string(), self.url(i));
+                let (name, url) = (self.nodes[i].name().to_string(), self.writer_url(i));
                 let node = if i == primary {
                     routing_core::NodeConfig::writer(name, url)
                 } else {
                     routing_core::NodeConfig::replica(name, url)
                 };
                 node.reader_url(self.reader_url(i))
+                    .monitor_url(self.monitor_url(i))
             })
             .collect()
     }

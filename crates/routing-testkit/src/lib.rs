@@ -24,7 +24,8 @@ mod proc;
 mod proxy;
 
 pub use cluster::{
-    APP_PASSWORD, Cluster, ClusterBuilder, Node, READER_PASSWORD, READER_ROLE, shared,
+    APP_PASSWORD, Cluster, ClusterBuilder, MONITOR_PASSWORD, MONITOR_ROLE, Node, READER_PASSWORD,
+    READER_ROLE, WRITER_PASSWORD, WRITER_ROLE, shared,
 };
 pub use error::KitError;
 pub use proxy::{FaultProxy, ProxyMode};

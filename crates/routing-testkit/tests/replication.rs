@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::*;
-use routing_testkit::{APP_PASSWORD, shared};
+use routing_testkit::{APP_PASSWORD, MONITOR_ROLE, READER_ROLE, WRITER_ROLE, shared};
 
 #[test]
 fn write_on_primary_appears_on_each_replica() {
@@ -84,6 +84,84 @@ fn app_role_needs_its_password() {
             want,
             "user {user}"
         );
+    }
+}
+
+/// The roles `node_configs` hands a router are least-privileged, and each has what it needs: the
+/// writer may create tables in `public`, the monitor sees a replica's timeline and the system
+/// identifier, the application's roles do not see the timeline (why probes need the monitor).
+#[test]
+fn node_configs_use_least_privilege_roles() {
+    let c = shared();
+    let roles = c
+        .psql(
+            0,
+            "SELECT string_agg(rolname || ':' || rolsuper || ':' || rolcanlogin || ':' || \
+             coalesce((SELECT string_agg(g.rolname, '+' ORDER BY g.rolname) FROM pg_auth_members m \
+               JOIN pg_roles g ON g.oid = m.roleid WHERE m.member = r.oid), ''), ',' ORDER BY rolname) \
+             FROM pg_roles r WHERE rolname IN ('routing_app', 'routing_monitor', 'routing_reader')",
+        )
+        .unwrap();
+    assert_eq!(
+        roles,
+        "routing_app:false:true:,routing_monitor:false:true:pg_monitor,\
+         routing_reader:false:true:pg_read_all_data"
+    );
+    assert_eq!(
+        c.psql(
+            0,
+            &format!("SELECT has_schema_privilege('{WRITER_ROLE}', 'public', 'CREATE')")
+        )
+        .unwrap(),
+        "t"
+    );
+    // Tables the superuser creates (as a migration would) are the writer's to use, not the
+    // monitor's to read.
+    let t = table("grants");
+    c.psql(0, &format!("CREATE TABLE {t} (x int)")).unwrap();
+    assert_eq!(
+        c.psql(
+            0,
+            &format!(
+                "SELECT has_table_privilege('{WRITER_ROLE}', '{t}', 'INSERT, UPDATE, DELETE') \
+                 || ' ' || has_table_privilege('{MONITOR_ROLE}', '{t}', 'SELECT')"
+            )
+        )
+        .unwrap(),
+        "true false"
+    );
+    let sysid = c
+        .psql(0, "SELECT system_identifier FROM pg_control_system()")
+        .unwrap();
+    let tli = c
+        .psql(1, "SELECT received_tli FROM pg_stat_wal_receiver")
+        .unwrap();
+    assert_eq!(tli, "1");
+    let probe = "SELECT coalesce(w.received_tli::text, '-') || ' ' || s.system_identifier \
+                 FROM pg_stat_wal_receiver w, pg_control_system() s";
+    for (role, want_tli) in [(MONITOR_ROLE, "1"), (WRITER_ROLE, "-"), (READER_ROLE, "-")] {
+        assert_eq!(
+            c.psql(1, &format!("SET ROLE {role}; {probe}")).unwrap(),
+            format!("{want_tli} {sysid}"),
+            "{role}"
+        );
+    }
+    for (i, n) in c.node_configs().iter().enumerate() {
+        let port = c.node(i).port();
+        for (url, role) in [
+            (Some(&n.url), WRITER_ROLE),
+            (n.reader_url.as_ref(), READER_ROLE),
+            (n.monitor_url.as_ref(), MONITOR_ROLE),
+        ] {
+            let url = url.unwrap().expose();
+            assert!(
+                url.starts_with(&format!("postgres://{role}:"))
+                    && url.contains(&format!(":{port}/")),
+                "{}: {}",
+                n.name,
+                n.url
+            );
+        }
     }
 }
 

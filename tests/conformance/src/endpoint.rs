@@ -3,12 +3,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use routing_core::{NodeConfig, Router};
+use routing_core::Router;
 use routing_testkit::FaultProxy;
 
 use super::{
-    Harness, create_table, drop_cluster, insert, kit, own_cluster, table, test_config, wait_until,
-    whoami,
+    Harness, create_table, drop_cluster, insert, kit, node_at, own_cluster, table, test_config,
+    wait_until, whoami,
 };
 
 /// The router knows the writer only as an endpoint (a proxy in front of node 0) and one replica.
@@ -20,10 +20,9 @@ pub async fn stable_endpoint_follows_a_failover_and_drops_old_sessions<H: Harnes
     let c = own_cluster();
     let at = |i: usize| SocketAddr::from(([127, 0, 0, 1], c.node(i).port()));
     let endpoint = kit(|| FaultProxy::start(at(0))).expect("writer endpoint");
-    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", endpoint.port());
     let nodes = vec![
-        NodeConfig::writer("writer-endpoint", url),
-        NodeConfig::replica("pg2", c.url(2)),
+        node_at(true, "writer-endpoint", endpoint.port()),
+        node_at(false, "pg2", c.node(2).port()),
     ];
     let r = Router::builder(H::backend())
         .nodes(nodes)
@@ -91,13 +90,12 @@ pub async fn a_stable_endpoint_pointing_back_at_the_old_primary_gets_no_writes<H
     let c = own_cluster();
     let at = |i: usize| SocketAddr::from(([127, 0, 0, 1], c.node(i).port()));
     let endpoint = kit(|| FaultProxy::start(at(0))).expect("writer endpoint");
-    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", endpoint.port());
     let mut config = test_config();
     config.write_deadline = Duration::from_millis(300);
     let r = Router::builder(H::backend())
         .nodes(vec![
-            NodeConfig::writer("writer-endpoint", url),
-            NodeConfig::replica("pg2", c.url(2)),
+            node_at(true, "writer-endpoint", endpoint.port()),
+            node_at(false, "pg2", c.node(2).port()),
         ])
         .config(config)
         .build()

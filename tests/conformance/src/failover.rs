@@ -351,8 +351,7 @@ async fn failover_round<H: Harness>(fault: Fault, round: usize) -> Round {
     let proxy = (fault == Fault::Blackhole).then(|| kit(|| c.proxy(old)).expect("fault proxy"));
     let mut nodes = c.node_configs();
     if let Some(p) = &proxy {
-        let url = format!("postgres://postgres@127.0.0.1:{}/postgres", p.port());
-        nodes[old] = NodeConfig::writer(old_name, url);
+        nodes[old] = node_at(true, old_name, p.port());
     }
     let config = RouterConfig::default();
     let deadline = config.write_deadline;

@@ -12,7 +12,10 @@ use routing_core::{
     Backend, BackendError, BoxFuture, Consistency, Error, InMemoryMarks, Lsn, Mark, MarksError,
     RequestContext, Router, RouterConfig, UserKey, WriterMarks,
 };
-use routing_testkit::{Cluster, READER_ROLE};
+use routing_testkit::{Cluster, READER_ROLE, WRITER_ROLE};
+
+/// A NOLOGIN role the writer role is granted, created by the session-state test.
+const TENANT_ROLE: &str = "conf_tenant";
 
 use super::{
     Harness, codec, count_id, create_table, insert, kit, shared_cluster, table, test_config,
@@ -214,7 +217,11 @@ pub async fn open_transactions_never_reach_the_next_reader<H: Harness>() {
 /// Ways a request changes its session's state: what it runs, the query that shows it, and the
 /// value a fresh session shows (empty: ask a fresh session). A writer is made read-only, a
 /// reader read-write: each is the harmful direction for that side.
-fn settings_misuse(login: &str, writer: bool) -> Vec<(&'static str, String, String, String)> {
+fn settings_misuse(
+    login: &str,
+    other_role: &str,
+    writer: bool,
+) -> Vec<(&'static str, String, String, String)> {
     let show = |name: &str| format!("SELECT pg_catalog.current_setting('{name}') AS v");
     let (flip, characteristics) = if writer {
         ("on", "READ ONLY")
@@ -242,7 +249,7 @@ fn settings_misuse(login: &str, writer: bool) -> Vec<(&'static str, String, Stri
         ),
         (
             "role",
-            "SET ROLE pg_read_all_data".into(),
+            format!("SET ROLE {other_role}"),
             "SELECT current_user::pg_catalog.text AS v".into(),
             login.to_string(),
         ),
@@ -279,16 +286,29 @@ pub async fn session_state_never_reaches_the_next_request<H: Harness>() {
     let r = router_1r::<H>(c, one_session_config()).await;
     let t = table("settings");
     create_table(&r, &t).await;
+    // A role the (least-privilege) writer may switch to, as an application does per tenant;
+    // readers switch to `pg_read_all_data`, a role they are members of.
+    kit(|| {
+        c.psql(
+            0,
+            &format!(
+                "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{TENANT_ROLE}') \
+                 THEN CREATE ROLE {TENANT_ROLE} NOLOGIN; END IF; END$$; \
+                 GRANT {TENANT_ROLE} TO {WRITER_ROLE}"
+            ),
+        )
+    })
+    .expect("a tenant role");
     kit(|| c.wait_replicated(Duration::from_secs(10))).expect("replicated");
     let replica = RequestContext::new().consistency(Consistency::Eventual);
     let primary = RequestContext::new().force_primary(true);
     for side in ["replica reader", "primary reader", "writer"] {
-        let login = if side == "writer" {
-            "postgres"
+        let (login, other_role) = if side == "writer" {
+            (WRITER_ROLE, TENANT_ROLE)
         } else {
-            READER_ROLE
+            (READER_ROLE, "pg_read_all_data")
         };
-        for (what, misuse, probe, fresh) in settings_misuse(login, side == "writer") {
+        for (what, misuse, probe, fresh) in settings_misuse(login, other_role, side == "writer") {
             // What a fresh session shows, when it depends on the server's defaults.
             let expected = if fresh.is_empty() {
                 match side {

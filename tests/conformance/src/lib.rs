@@ -75,6 +75,10 @@ pub use reads::{
     a_replica_on_the_old_timeline_serves_no_read,
     guarded_reads_use_a_caught_up_replica_in_a_fallback_region,
 };
+mod roles;
+pub use roles::least_privilege_monitor_sees_timelines_and_system_id;
+mod clones;
+pub use clones::tokens_from_a_cloned_cluster_are_not_trusted;
 mod hygiene;
 pub use hygiene::{
     a_cancelled_commit_still_records_the_mark, commit_lsn_covers_asynchronous_commits,
@@ -135,6 +139,8 @@ macro_rules! conformance_tests {
             busy_pools_never_ban_or_unseat_a_healthy_node,
             waiting_reads_do_not_pin_replica_sessions,
             a_missed_probe_or_a_broken_session_keeps_the_generation,
+            least_privilege_monitor_sees_timelines_and_system_id,
+            tokens_from_a_cloned_cluster_are_not_trusted,
         );
     };
     (@each $h:ty; $($name:ident),* $(,)?) => {
@@ -233,9 +239,14 @@ fn test_config() -> RouterConfig {
     }
 }
 
+/// The suite's token key (every router's, so tokens from one router verify on another unless
+/// their cluster names differ).
+fn token_key() -> TokenKey {
+    TokenKey::new(1, "conformance-test-key-0123456789").expect("token key")
+}
+
 fn codec() -> TokenCodec {
-    TokenCodec::new(TokenKey::new(1, "conformance-test-key-0123456789").expect("token key"))
-        .cluster("conformance")
+    TokenCodec::new(token_key()).cluster("conformance")
 }
 
 async fn router<H: Harness>(c: &Cluster, config: RouterConfig) -> Router<H::B> {
@@ -246,6 +257,25 @@ async fn router<H: Harness>(c: &Cluster, config: RouterConfig) -> Router<H::B> {
         .build()
         .await
         .expect("build router")
+}
+
+/// A node reached at `port` (a kit node, or a proxy in front of one), logging in with the kit's
+/// least-privilege roles as [`Cluster::node_configs`] does: writes as the application's writer
+/// role, reads as the read-only role, probes as the monitoring role.
+fn node_at(writer: bool, name: &str, port: u16) -> NodeConfig {
+    use routing_testkit::{
+        MONITOR_PASSWORD, MONITOR_ROLE, READER_PASSWORD, READER_ROLE, WRITER_PASSWORD, WRITER_ROLE,
+    };
+    let url = |role: &str, password: &str| {
+        format!("postgres://{role}:{password}@127.0.0.1:{port}/postgres")
+    };
+    let node = if writer {
+        NodeConfig::writer(name, url(WRITER_ROLE, WRITER_PASSWORD))
+    } else {
+        NodeConfig::replica(name, url(WRITER_ROLE, WRITER_PASSWORD))
+    };
+    node.reader_url(url(READER_ROLE, READER_PASSWORD))
+        .monitor_url(url(MONITOR_ROLE, MONITOR_PASSWORD))
 }
 
 /// A table name no other test (or process) uses.
@@ -506,7 +536,7 @@ pub async fn misrouted_writes_fail_with_a_typed_error<H: Harness>() {
 /// older than `max_lifetime` are not.
 pub async fn pools_enforce_access_mode_and_lifetime<H: Harness>() {
     let c = shared_cluster();
-    let replica = NodeConfig::replica(c.node(1).name(), c.url(1));
+    let replica = NodeConfig::replica(c.node(1).name(), c.writer_url(1));
     let pool = H::backend()
         .build_pool(spec(replica, Access::ReadWrite))
         .expect("pool");
@@ -520,7 +550,7 @@ pub async fn pools_enforce_access_mode_and_lifetime<H: Harness>() {
     );
     assert!(err.to_string().contains(c.node(1).name()), "{err}");
 
-    let primary = NodeConfig::writer(c.node(0).name(), c.url(0));
+    let primary = NodeConfig::writer(c.node(0).name(), c.writer_url(0));
     for (access, read_only) in [
         (Access::ReadWrite, "off"),
         (Access::ReadOnly, "on"),
@@ -1243,7 +1273,7 @@ pub async fn bad_url_is_a_typed_config_error<H: Harness>() {
 /// works (the control).
 pub async fn wrong_password_is_a_typed_auth_error<H: Harness>() {
     let c = shared_cluster();
-    let good = NodeConfig::writer("auth-good", c.app_url(0, routing_testkit::APP_PASSWORD));
+    let good = NodeConfig::writer("auth-good", c.writer_url(0));
     let pool = H::backend()
         .build_pool(spec(good, Access::ReadOnly))
         .expect("pool");

@@ -155,7 +155,8 @@ pub async fn a_load_balanced_endpoint_is_verified_on_the_session<H: Harness>() {
     let c = own_cluster_with(2);
     kit(|| c.set_apply_delay(1, Duration::from_secs(2))).expect("delay node 1");
     let configs = c.node_configs();
-    let reader = NodeConfig::replica("reader-endpoint", c.url(2))
+    let reader = NodeConfig::replica("reader-endpoint", c.writer_url(2))
+        .monitor_url(c.monitor_url(2))
         .reader_url(c.reader_url(1))
         .load_balanced();
     let r = Router::builder(H::backend())

@@ -6,7 +6,7 @@ use routing_core::{Backend, NodeConfig, NodeRole, Router};
 
 use super::{Harness, kit, shared_cluster, test_config};
 
-/// A login role whose search path puts an attacker's schema before `pg_catalog`, with look-alike
+/// A login role (not a superuser) whose search path puts an attacker's schema before `pg_catalog`, with look-alike
 /// functions there that claim every node is in recovery with no WAL. Unqualified, they win (the
 /// control below shows it); the router's schema-qualified probes ignore them and still elect the
 /// real primary and see the replicas.
@@ -22,9 +22,10 @@ pub async fn probes_ignore_functions_planted_in_the_search_path<H: Harness>() {
          CREATE OR REPLACE FUNCTION {tag}.concat_ws(text, VARIADIC text[]) RETURNS text LANGUAGE sql AS 'SELECT ''true - - - - -''';
          DO $$ BEGIN
            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{tag}') THEN
-             CREATE ROLE {tag} LOGIN SUPERUSER PASSWORD '{password}';
+             CREATE ROLE {tag} LOGIN PASSWORD '{password}';
            END IF;
          END $$;
+         GRANT USAGE ON SCHEMA {tag} TO {tag};
          ALTER ROLE {tag} SET search_path = {tag}, pg_catalog;"
     );
     kit(|| c.psql(0, &setup)).expect("plant the look-alikes");
