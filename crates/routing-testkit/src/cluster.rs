@@ -16,9 +16,10 @@ use crate::{KitError, cleanup, ports};
 
 /// Password of the `app` role (LOGIN SUPERUSER, scram-sha-256), for tests that need real auth.
 pub const APP_PASSWORD: &str = "app-secret";
-/// Role that may read everything and write nothing (`pg_read_all_data`; trusted on loopback like the other router roles): what
-/// a router's read sessions log in as ([`Cluster::reader_url`]), so that no `BEGIN READ WRITE`
-/// on the primary can write through one.
+/// Role that may read everything and write nothing (`pg_read_all_data`; trusted on loopback
+/// like the other router roles): what a router's read sessions log in as
+/// ([`Cluster::reader_url`]), so that no `BEGIN READ WRITE` on the primary can write through
+/// one.
 pub const READER_ROLE: &str = "routing_reader";
 /// Password of [`READER_ROLE`].
 pub const READER_PASSWORD: &str = "reader-secret";
