@@ -24,6 +24,7 @@ mod marks;
 mod monitor;
 mod policy;
 mod probe;
+mod refusal;
 mod router;
 mod secret;
 mod stats;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::backend::sql;
 use crate::handle::TopologyHandle;
+use crate::refusal::RefusalCheck;
 use crate::{Backend, BackendError, ErrorKind, ProbeReport};
 
 /// Re-probes triggered by callers come no closer together than this, per node.
@@ -14,6 +15,8 @@ const MIN_REPROBE_GAP: Duration = Duration::from_millis(10);
 /// What the monitor probes with: one pool per node (used by nothing else), and the timing.
 pub(crate) struct Probes<B: Backend> {
     pub(crate) pools: Vec<B::Pool>,
+    /// Each node's refused-connection check, shared with its other pools.
+    pub(crate) refusals: Vec<Arc<RefusalCheck>>,
     pub(crate) names: Vec<Arc<str>>,
     pub(crate) interval: Duration,
     pub(crate) timeout: Duration,
@@ -63,7 +66,7 @@ async fn run_node<B: Backend>(
 async fn probe<B: Backend>(probes: &Probes<B>, i: usize) -> Result<ProbeReport, BackendError> {
     let pool = &probes.pools[i];
     let answer = tokio::time::timeout(probes.timeout, async {
-        let mut session = B::checkout(pool).await?;
+        let mut session = probes.refusals[i].checkout(B::checkout(pool)).await?;
         B::query_text(&mut session, sql::PROBE).await
     })
     .await;

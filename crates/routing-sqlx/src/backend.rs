@@ -1,7 +1,6 @@
 //! [`SqlxBackend`]: one [`PgPool`] per node and access mode.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use routing_core::{Access, Backend, BackendError, Epoch, ErrorKind, NodeConfig, PoolSpec};
 use sqlx::pool::{PoolConnection, PoolConnectionMetadata};
@@ -55,16 +54,7 @@ pub struct NodePool {
     /// Bumped each time a writer connection is refused because its node is in recovery, so a
     /// waiting checkout fails at once instead of retrying until the pool's timeout.
     refusals: Arc<watch::Sender<u64>>,
-    /// Where sqlx connects over TCP (`None` for a Unix socket).
-    tcp: Option<(String, u16)>,
-    /// When the node was last seen refusing (`true`) or accepting TCP connections.
-    tcp_seen: Mutex<Option<(Instant, bool)>>,
 }
-
-/// A checkout still waiting after this long checks whether the node refuses connections.
-const REFUSAL_CHECK_AFTER: Duration = Duration::from_millis(20);
-/// How long one TCP check of a node counts, so a busy pool does not open a socket per checkout.
-const REFUSAL_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 impl NodePool {
     /// The sqlx pool (for metrics such as `size()` and `num_idle()`).
@@ -89,7 +79,8 @@ impl NodePool {
             acquired = self.pool.acquire() => acquired,
             // Only writer pools ever send: their connect check found the node in recovery.
             _ = not_writer_seen.changed() => return Err(not_writer(&self.node)),
-            refused = self.refusing_connections() => return Err(refused),
+            // A node refusing connections (which sqlx would retry until the timeout) is
+            // routing-core's check, the same for every backend.
         };
         acquired.map_err(|e| match e {
             sqlx::Error::PoolTimedOut => {
@@ -129,42 +120,6 @@ impl NodePool {
     /// (its own pool) judges the node either way.
     fn is_exhausted(&self) -> bool {
         self.pool.size() >= self.pool.options().get_max_connections()
-    }
-
-    /// Resolves only if the node refuses TCP connections. sqlx retries a refused connect until
-    /// the pool's timeout (it assumes a server starting up); the router wants to know at once,
-    /// to ban the replica or look for the new primary.
-    async fn refusing_connections(&self) -> BackendError {
-        tokio::time::sleep(REFUSAL_CHECK_AFTER).await;
-        loop {
-            if let Some(e) = self.check_refused().await {
-                return e;
-            }
-            tokio::time::sleep(REFUSAL_CHECK_EVERY).await;
-        }
-    }
-
-    async fn check_refused(&self) -> Option<BackendError> {
-        let (host, port) = self.tcp.as_ref()?;
-        let cached = *self.tcp_seen.lock().unwrap_or_else(|e| e.into_inner());
-        let refused = match cached {
-            Some((at, refused)) if at.elapsed() < REFUSAL_CHECK_EVERY => refused,
-            _ => {
-                let refused = matches!(
-                    tokio::net::TcpStream::connect((host.as_str(), *port)).await,
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
-                );
-                *self.tcp_seen.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((Instant::now(), refused));
-                refused
-            }
-        };
-        refused.then(|| {
-            BackendError::new(
-                ErrorKind::Connection,
-                format!("node {} refuses connections on {host}:{port}", self.node),
-            )
-        })
     }
 }
 
@@ -262,17 +217,11 @@ impl Backend for SqlxBackend {
                 })
             });
         }
-        let tcp = match opts.get_socket() {
-            Some(_) => None,
-            None => Some((opts.get_host().to_string(), opts.get_port())),
-        };
         Ok(NodePool {
             pool: pool.connect_lazy_with(opts),
             node: Arc::from(node.name.as_str()),
             access,
             refusals,
-            tcp,
-            tcp_seen: Mutex::new(None),
         })
     }
 

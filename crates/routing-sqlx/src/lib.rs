@@ -108,9 +108,8 @@
 //!   last [`Epoch`] bump), then, with `pre_ping`, readers are pinged and writers re-checked.
 //! - **A node that refuses connections fails the checkout at once** ([`ErrorKind::Connection`]):
 //!   sqlx itself retries a refused connect until the pool's timeout (it assumes a server that is
-//!   starting up), which would hold every request to a dead replica for `connect_timeout`. A
-//!   checkout still waiting after 20 ms opens a plain TCP connection to the node (at most one per
-//!   pool every 100 ms) to tell "refused" from "busy".
+//!   starting up). routing-core's checkout, the same for every backend, asks the node directly
+//!   (a plain TCP connect) once a checkout has waited 20 ms, at most once per node every 100 ms.
 //! - `max_lifetime`, `idle_timeout`, `max_size` and `connect_timeout` (sqlx's `acquire_timeout`)
 //!   come from [`PoolSettings`]; pools connect lazily, so nodes may be down at startup.
 //!

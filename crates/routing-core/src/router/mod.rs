@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use crate::handle::TopologyHandle;
+use crate::refusal::RefusalCheck;
 use crate::stats::{Counters, bump};
 use crate::topology::Topology;
 use crate::{
@@ -65,6 +66,8 @@ pub(crate) struct NodeRuntime<B: Backend> {
     pub(super) writer_pool: B::Pool,
     pub(super) reader_pool: B::Pool,
     pub(crate) in_flight: AtomicUsize,
+    /// Fails a waiting checkout at once when the node refuses connections.
+    pub(super) refusal: Arc<RefusalCheck>,
     /// Read sessions log in as a role that may only read ([`NodeConfig::reader_url`]).
     pub(crate) read_only_role: bool,
 }
@@ -186,7 +189,9 @@ impl<B: Backend> RouterBuilder<B> {
         };
         let mut nodes = Vec::with_capacity(self.nodes.len());
         let mut probe_pools = Vec::with_capacity(self.nodes.len());
+        let mut refusals = Vec::with_capacity(self.nodes.len());
         for n in &self.nodes {
+            let refusal = Arc::new(RefusalCheck::for_node(n));
             let pool = |access, settings| {
                 let mut node = n.clone();
                 node.url = n.url_for(access).clone();
@@ -207,14 +212,17 @@ impl<B: Backend> RouterBuilder<B> {
                 writer_pool: pool(Access::ReadWrite, self.config.pool)?,
                 reader_pool: pool(Access::ReadOnly, self.config.pool)?,
                 in_flight: AtomicUsize::new(0),
+                refusal: refusal.clone(),
                 read_only_role: n.reader_url.is_some(),
             });
+            refusals.push(refusal);
             probe_pools.push(pool(Access::Probe, probe_settings)?);
         }
         let topology = Topology::new(&self.nodes, self.config.lag, self.config.ban, epoch.clone());
         let topo = Arc::new(TopologyHandle::new(topology, epoch));
         let probes = crate::monitor::Probes::<B> {
             pools: probe_pools,
+            refusals,
             names: nodes.iter().map(|n| n.name.clone()).collect(),
             interval: self.config.probe_interval,
             timeout: self.config.probe_timeout,

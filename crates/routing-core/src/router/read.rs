@@ -238,7 +238,7 @@ impl<B: Backend> Inner<B> {
             let choice = self.pick(snap, &current.among);
             let must_wait = current.wait;
             let node = &self.nodes[choice];
-            let mut pooled = match B::checkout(&node.reader_pool).await {
+            let mut pooled = match node.refusal.checkout(B::checkout(&node.reader_pool)).await {
                 Ok(p) => p,
                 Err(e) => {
                     // A busy pool is not banned (`report_failure` ignores it): the replica stays
@@ -305,9 +305,9 @@ impl<B: Backend> Inner<B> {
                 Some(p) => Some(p),
                 // Bounded by what is left of the budget; a busy pool only means a later poll.
                 None => {
-                    match tokio::time::timeout_at(deadline, B::checkout(&self.nodes[i].reader_pool))
-                        .await
-                    {
+                    let node = &self.nodes[i];
+                    let checkout = node.refusal.checkout(B::checkout(&node.reader_pool));
+                    match tokio::time::timeout_at(deadline, checkout).await {
                         Ok(Ok(p)) => Some(p),
                         Ok(Err(e)) if e.kind == ErrorKind::PoolBusy => None,
                         Ok(Err(e)) => return Err(e),

@@ -68,7 +68,8 @@ impl<B: Backend> Inner<B> {
                 };
                 changes.borrow_and_update();
                 let generation = self.topo.epoch().generation();
-                let checkout = tokio::time::timeout_at(deadline, B::checkout(pool));
+                let checkout =
+                    tokio::time::timeout_at(deadline, node.refusal.checkout(B::checkout(pool)));
                 tokio::pin!(checkout);
                 // A checkout on a writer that stopped answering (blackholed, not refusing) can
                 // take the pool's whole connect timeout. Give up on it as soon as the monitor
