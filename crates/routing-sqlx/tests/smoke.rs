@@ -325,21 +325,6 @@ async fn a_generation_bump_discards_old_pooled_connections() {
     eprintln!("re-elected {elected:?} after the promotion returned");
 }
 
-/// sqlx retries a refused connect until the pool's timeout; the adapter reports it at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_refusing_connections_fails_the_checkout_at_once() {
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("postgres://postgres@127.0.0.1:{closed_port}/postgres");
-    for access in [Access::ReadWrite, Access::ReadOnly, Access::Probe] {
-        let err = failed_checkout(url.clone(), access, Duration::from_millis(500)).await;
-        assert_eq!(err.kind, ErrorKind::Connection, "{access:?}: {err}");
-    }
-}
-
 /// A replica that dies under warm pools: reads move on at once (ban + primary fallback), and
 /// come back to the replica when it is restarted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,19 +47,7 @@ pub async fn stable_endpoint_follows_a_failover_and_drops_old_sessions<H: Harnes
     }
     drop(held);
 
-    kit(|| {
-        c.wait_replicated(Duration::from_secs(10))?;
-        c.promote(1)?;
-        c.follow(2, 1)
-    })
-    .expect("promote node 1 with node 0 still up");
-    endpoint.retarget(at(1));
-    let waited = wait_until(
-        "the endpoint's new timeline",
-        Duration::from_secs(5),
-        || r.snapshot().timeline == Some(2),
-    )
-    .await;
+    let waited = fail_over_behind(&c, &endpoint, &r).await;
     eprintln!("[conformance] endpoint: router saw the new timeline {waited:?} after the retarget");
 
     for id in 0..20 {
@@ -103,19 +91,7 @@ pub async fn a_stable_endpoint_pointing_back_at_the_old_primary_gets_no_writes<H
         .expect("router");
     let t = table("flipback");
     create_table(&r, &t).await;
-    kit(|| {
-        c.wait_replicated(Duration::from_secs(10))?;
-        c.promote(1)?;
-        c.follow(2, 1)
-    })
-    .expect("promote node 1 with node 0 still up");
-    endpoint.retarget(at(1));
-    wait_until(
-        "the endpoint's new timeline",
-        Duration::from_secs(5),
-        || r.snapshot().timeline == Some(2),
-    )
-    .await;
+    fail_over_behind(&c, &endpoint, &r).await;
     let mut w = r.write().await.expect("write on the new primary");
     insert(&mut w, &t, 1).await.expect("insert");
     drop(w);
@@ -159,4 +135,27 @@ pub async fn a_stable_endpoint_pointing_back_at_the_old_primary_gets_no_writes<H
     drop(r);
     drop(endpoint);
     drop_cluster(c);
+}
+
+/// Promotes node 1 while node 0 stays up and writable, repoints node 2 to it, retargets the
+/// endpoint to node 1 (old sessions stay open, as a load balancer leaves them) and waits until
+/// the router sees the new timeline; returns how long that took.
+async fn fail_over_behind<B: routing_core::Backend>(
+    c: &routing_testkit::Cluster,
+    endpoint: &FaultProxy,
+    r: &Router<B>,
+) -> Duration {
+    kit(|| {
+        c.wait_replicated(Duration::from_secs(10))?;
+        c.promote(1)?;
+        c.follow(2, 1)
+    })
+    .expect("promote node 1 with node 0 still up");
+    endpoint.retarget(SocketAddr::from(([127, 0, 0, 1], c.node(1).port())));
+    wait_until(
+        "the endpoint's new timeline",
+        Duration::from_secs(5),
+        || r.snapshot().timeline == Some(2),
+    )
+    .await
 }

@@ -31,10 +31,20 @@ fn one_session_config() -> RouterConfig {
 
 /// A router over the primary and replica 1 only (a read on a replica has one place to go).
 async fn router_1r<H: Harness>(c: &Cluster, config: RouterConfig) -> Router<H::B> {
+    router_1r_with::<H>(c, config, Arc::new(InMemoryMarks::default())).await
+}
+
+/// [`router_1r`] with the marks store given.
+async fn router_1r_with<H: Harness>(
+    c: &Cluster,
+    config: RouterConfig,
+    marks: Arc<dyn WriterMarks>,
+) -> Router<H::B> {
     let nodes = c.node_configs().into_iter().take(2);
     Router::builder(H::backend())
         .nodes(nodes)
         .config(config)
+        .marks(marks)
         .tokens(codec())
         .build()
         .await
@@ -438,14 +448,7 @@ pub async fn read_sessions_refuse_every_write<H: Harness>() {
 pub async fn commit_reports_what_the_server_did<H: Harness>() {
     let c = shared_cluster();
     let marks = Arc::new(InMemoryMarks::default());
-    let r = Router::builder(H::backend())
-        .nodes(c.node_configs().into_iter().take(2))
-        .config(one_session_config())
-        .marks(marks.clone())
-        .tokens(codec())
-        .build()
-        .await
-        .expect("router");
+    let r = router_1r_with::<H>(c, one_session_config(), marks.clone()).await;
     let t = table("commit_truth");
     create_table(&r, &t).await;
     let user = RequestContext::new().user("commit-truth");
@@ -509,14 +512,7 @@ pub async fn commit_reports_what_the_server_did<H: Harness>() {
 pub async fn transaction_closure_commits_only_on_success<H: Harness>() {
     let c = shared_cluster();
     let marks = Arc::new(InMemoryMarks::default());
-    let r = Router::builder(H::backend())
-        .nodes(c.node_configs().into_iter().take(2))
-        .config(one_session_config())
-        .marks(marks.clone())
-        .tokens(codec())
-        .build()
-        .await
-        .expect("router");
+    let r = router_1r_with::<H>(c, one_session_config(), marks.clone()).await;
     let t = table("closure");
     create_table(&r, &t).await;
     let user = RequestContext::new().user("closure-user");
@@ -702,13 +698,7 @@ pub async fn a_cancelled_commit_still_records_the_mark<H: Harness>() {
     ));
     let mut config = test_config();
     config.marks_timeout = Duration::from_secs(2);
-    let r = Router::builder(H::backend())
-        .nodes(c.node_configs().into_iter().take(2))
-        .config(config)
-        .marks(marks.clone())
-        .build()
-        .await
-        .expect("router");
+    let r = router_1r_with::<H>(c, config, marks.clone()).await;
     let t = table("cancel_commit");
     create_table(&r, &t).await;
     for (id, via_commit) in [(1, true), (2, false)] {
