@@ -540,6 +540,10 @@ impl Inner {
     async fn get(&self, user: &UserKey) -> Result<Option<Mark>, MarksError> {
         bump(&self.counters.gets);
         let keys = self.keys.keys(user);
+        // Read this process's pending update before Redis: a retry that lands it in between
+        // then shows in the Redis answer. Read after, a landing that removed it while Redis
+        // was answering with the older value would make the mark go backwards.
+        let pending = self.pending.get(&keys.mark, Instant::now());
         let mut invocation = GET_SCRIPT.prepare_invoke();
         invocation.key(&keys.mark).key(&keys.epoch);
         let mut conn = self.conn();
@@ -549,7 +553,6 @@ impl Inner {
         if fresh == 1 {
             self.epoch_started();
         }
-        let pending = self.pending.get(&keys.mark, Instant::now());
         if value.is_empty() {
             if let Some(p) = pending {
                 // This process's own update, not landed yet: a lower bound all the same.
