@@ -627,9 +627,7 @@ async fn misbehave<H: ChaosBackend>(
     acked: &Acked,
 ) -> Result<MisbehaviorEnd, routing_core::Error> {
     let ctx = RequestContext::new().user(user.to_string());
-    let upsert = format!(
-        "INSERT INTO {table} (user_id, val) VALUES ({user}, {val}) ON CONFLICT (user_id) DO UPDATE SET val = EXCLUDED.val"
-    );
+    let upsert = upsert(table, user, val);
     match kind {
         Misbehavior::LeaveWriteOpen => {
             let mut w = router.write_with(&ctx).await?;
@@ -729,9 +727,7 @@ async fn pair<H: ChaosBackend>(
 ) -> Result<bool, routing_core::Error> {
     let writer_ctx = RequestContext::new().user(user.to_string());
     let mut w = router.write_with(&writer_ctx).await?;
-    let sql = format!(
-        "INSERT INTO {table} (user_id, val) VALUES ({user}, {val}) ON CONFLICT (user_id) DO UPDATE SET val = EXCLUDED.val"
-    );
+    let sql = upsert(table, user, val);
     let done = <H::B as Backend>::execute(w.pooled(), &sql).await;
     w.check_backend(done)?;
     let receipt = w.finish().await?;
@@ -819,4 +815,12 @@ async fn hog<H: ChaosBackend>(router: Router<H::B>, stop: Arc<AtomicBool>) {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// Sets `user`'s value (the checker's only write).
+fn upsert(table: &str, user: i64, val: i64) -> String {
+    format!(
+        "INSERT INTO {table} (user_id, val) VALUES ({user}, {val}) \
+         ON CONFLICT (user_id) DO UPDATE SET val = EXCLUDED.val"
+    )
 }

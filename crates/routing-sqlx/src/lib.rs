@@ -97,7 +97,7 @@
 //!   probe's `statement_timeout`. The session default does not stop `BEGIN READ WRITE` on the
 //!   primary: give read sessions a role that may only read with [`NodeConfig::reader_url`].
 //! - **A returned session is reset before reuse** (by routing-core's session guard: any open
-//!   transaction rolled back, role and settings restored, read-only re-verified), or closed. A
+//!   transaction rolled back, role and settings restored, read-only re-asserted), or closed. A
 //!   `sqlx::Transaction` leaked with `mem::forget` makes sqlx believe a transaction is still open,
 //!   so such a session is closed rather than reset.
 //! - **Writer sessions are verified at connect** (`after_connect`): a node in recovery is refused

@@ -12,7 +12,8 @@ use routing_testkit::{FaultProxy, ProxyMode};
 
 use super::{
     Harness, count_id, create_table, delayed_cluster, drop_cluster, eventual, index_of, insert,
-    kit, own_cluster_with, router, shared_cluster, table, test_config, wait_until, whoami,
+    kit, own_cluster_with, ready_setup, router, shared_cluster, table, test_config, wait_until,
+    whoami,
 };
 
 /// Pools of two sessions per node, and a pool wait short enough to run into often.
@@ -162,16 +163,7 @@ pub async fn waiting_reads_do_not_pin_replica_sessions<H: Harness>() {
         // Shorter than the apply delay: a waiter pinning the session would starve the others.
         ..small_pools(1, Duration::from_millis(150))
     };
-    let r = router::<H>(c, config).await;
-    let t = table("pinned");
-    create_table(&r, &t).await;
-    kit(|| c.wait_replicated(Duration::from_secs(10))).expect("replicated");
-    wait_until("both replicas readable", Duration::from_secs(5), || {
-        let s = r.snapshot();
-        let now = Instant::now();
-        s.nodes[1].is_readable_replica(now) && s.nodes[2].is_readable_replica(now)
-    })
-    .await;
+    let (r, t) = ready_setup::<H>(c, "pinned", config).await;
     // Open each replica's one session now, so the burst only waits for sessions.
     for _ in 0..4 {
         drop(r.read_with(&eventual()).await.expect("warm-up read"));

@@ -97,6 +97,29 @@ enum Leak {
 
 const LEAKS: [Leak; 4] = [Leak::Open, Leak::Aborted, Leak::Savepoint, Leak::Cancelled];
 
+/// Leaves the transaction open on `pooled` (already begun) in the way `leak` names; `nested`
+/// runs inside the savepoint.
+async fn leave_open<B: Backend>(pooled: &mut B::Pooled, leak: Leak, nested: &str) {
+    match leak {
+        Leak::Open => {}
+        Leak::Aborted => {
+            let failed = batch::<B>(pooled, "SELECT 1/0").await;
+            assert!(failed.is_err(), "{leak:?}: division by zero fails");
+        }
+        Leak::Savepoint => {
+            batch::<B>(pooled, "SAVEPOINT s1").await.expect("savepoint");
+            batch::<B>(pooled, nested)
+                .await
+                .expect("inside the savepoint");
+        }
+        Leak::Cancelled => {
+            let slow = B::execute(pooled, "SELECT pg_catalog.pg_sleep(0.3)");
+            let cut = tokio::time::timeout(Duration::from_millis(50), slow).await;
+            assert!(cut.is_err(), "{leak:?}: the statement was cut off");
+        }
+    }
+}
+
 /// A guard dropped inside a transaction, in each way one can be left open, never hands that
 /// transaction to the next request: on the write side the next request's write commits on its
 /// own (`finish` reports it, and it is on the server) and the leaked row never commits.
@@ -111,24 +134,8 @@ pub async fn open_transactions_never_reach_the_next_writer<H: Harness>() {
         let leaker = whoami::<H::B>(w.pooled()).await.expect("whoami");
         batch::<H::B>(w.pooled(), "BEGIN").await.expect("begin");
         insert(&mut w, &t, leaked).await.expect("insert");
-        match leak {
-            Leak::Open => {}
-            Leak::Aborted => {
-                let failed = batch::<H::B>(w.pooled(), "SELECT 1/0").await;
-                assert!(failed.is_err(), "{leak:?}: division by zero fails");
-            }
-            Leak::Savepoint => {
-                batch::<H::B>(w.pooled(), "SAVEPOINT s1")
-                    .await
-                    .expect("savepoint");
-                insert(&mut w, &t, leaked + 1000).await.expect("insert");
-            }
-            Leak::Cancelled => {
-                let slow = H::B::execute(w.pooled(), "SELECT pg_catalog.pg_sleep(0.3)");
-                let cut = tokio::time::timeout(Duration::from_millis(50), slow).await;
-                assert!(cut.is_err(), "{leak:?}: the statement was cut off");
-            }
-        }
+        let nested = format!("INSERT INTO {t} (id, note) VALUES ({}, 'x')", leaked + 1000);
+        leave_open::<H::B>(w.pooled(), leak, &nested).await;
         drop(w);
 
         let mut w = r.write().await.expect("write");
@@ -178,22 +185,7 @@ pub async fn open_transactions_never_reach_the_next_reader<H: Harness>() {
             .await
             .expect("begin");
         assert_eq!(count_id(&mut conn, &t, id).await, 0, "{leak:?}");
-        match leak {
-            Leak::Open => {}
-            Leak::Aborted => {
-                assert!(batch::<H::B>(conn.pooled(), "SELECT 1/0").await.is_err());
-            }
-            Leak::Savepoint => {
-                batch::<H::B>(conn.pooled(), "SAVEPOINT s1")
-                    .await
-                    .expect("savepoint");
-            }
-            Leak::Cancelled => {
-                let slow = H::B::execute(conn.pooled(), "SELECT pg_catalog.pg_sleep(0.3)");
-                let cut = tokio::time::timeout(Duration::from_millis(50), slow).await;
-                assert!(cut.is_err(), "{leak:?}: the statement was cut off");
-            }
-        }
+        leave_open::<H::B>(conn.pooled(), leak, "SELECT 1").await;
         drop(conn);
 
         let mut w = r.write_with(&user).await.expect("write");

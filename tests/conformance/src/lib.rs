@@ -660,7 +660,16 @@ async fn write_then_read<B: Backend>(
 }
 
 async fn staleness_setup<H: Harness>(tag: &str, config: RouterConfig) -> (Router<H::B>, String) {
-    let c = delayed_cluster();
+    ready_setup::<H>(delayed_cluster(), tag, config).await
+}
+
+/// A router on `c`, a fresh table every replica has, and both replicas readable in the monitor's
+/// view.
+async fn ready_setup<H: Harness>(
+    c: &Cluster,
+    tag: &str,
+    config: RouterConfig,
+) -> (Router<H::B>, String) {
     let r = router::<H>(c, config).await;
     let t = table(tag);
     create_table(&r, &t).await;

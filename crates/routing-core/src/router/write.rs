@@ -222,19 +222,13 @@ impl<B: Backend> WriteConn<B> {
     /// `work` gets the driver's connection and returns a boxed future; errors convert from
     /// [`Error`], so an application error type with a `From<routing_core::Error>` impl (and one
     /// for the driver's error) lets `?` work on both.
-    pub async fn transaction<T, E, F>(mut self, work: F) -> Result<(T, WriteReceipt), E>
+    pub async fn transaction<T, E, F>(self, work: F) -> Result<(T, WriteReceipt), E>
     where
         F: for<'c> FnOnce(&'c mut B::Connection) -> BoxFuture<'c, Result<T, E>>,
         E: From<Error>,
     {
-        self.begin().await?;
-        match work(&mut self).await {
-            Ok(value) => Ok((value, self.commit().await?)),
-            Err(e) => {
-                self.rollback().await;
-                Err(e)
-            }
-        }
+        self.transaction_backend(move |pooled: &mut B::Pooled| work(&mut **pooled))
+            .await
     }
 
     /// [`WriteConn::transaction`] for work written against the [`Backend`] trait (on the pooled
