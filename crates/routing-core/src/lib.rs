@@ -51,5 +51,9 @@ pub use token::{
 };
 pub use topology::{NodeRole, NodeStatus, Snapshot};
 
-/// `futures_util`'s boxed future, used by [`WriterMarks`] and [`Router::read_retrying`].
+/// `futures_util`'s boxed future, used by [`Router::read_retrying`].
 pub use futures_util::future::BoxFuture;
+
+/// The attribute [`WriterMarks`] (and every object-safe async extension trait here) is written
+/// with; put it on an `impl` block of one.
+pub use async_trait::async_trait;

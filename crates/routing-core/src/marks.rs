@@ -5,7 +5,6 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 
 use crate::{Lsn, UserKey};
@@ -41,19 +40,37 @@ impl MarksError {
 }
 
 /// Where marks live: in memory for one process, in Redis for many. Object safe, so a router holds
-/// an `Arc<dyn WriterMarks>`.
+/// an `Arc<dyn WriterMarks>`; written with [`async_trait`](crate::async_trait), so an
+/// implementation is ordinary async code:
+///
+/// ```
+/// use std::time::Duration;
+/// use routing_core::{async_trait, InMemoryMarks, Lsn, Mark, MarksError, UserKey, WriterMarks};
+///
+/// /// Counts lookups, stores in memory.
+/// #[derive(Default)]
+/// struct Counted(InMemoryMarks, std::sync::atomic::AtomicU64);
+///
+/// #[async_trait]
+/// impl WriterMarks for Counted {
+///     async fn get(&self, user: &UserKey) -> Result<Option<Mark>, MarksError> {
+///         self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+///         self.0.get(user).await
+///     }
+///     async fn set_max(&self, user: &UserKey, lsn: Lsn, ttl: Duration) -> Result<(), MarksError> {
+///         self.0.set_max(user, lsn, ttl).await
+///     }
+/// }
+/// let _: std::sync::Arc<dyn WriterMarks> = std::sync::Arc::new(Counted::default());
+/// ```
+#[async_trait::async_trait]
 pub trait WriterMarks: Send + Sync + 'static {
     /// The user's mark, if any and not expired.
-    fn get<'a>(&'a self, user: &'a UserKey) -> BoxFuture<'a, Result<Option<Mark>, MarksError>>;
+    async fn get(&self, user: &UserKey) -> Result<Option<Mark>, MarksError>;
 
     /// Raises the user's mark to at least `lsn` (never lowers it, even under concurrent writers)
     /// and restarts its TTL.
-    fn set_max<'a>(
-        &'a self,
-        user: &'a UserKey,
-        lsn: Lsn,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), MarksError>>;
+    async fn set_max(&self, user: &UserKey, lsn: Lsn, ttl: Duration) -> Result<(), MarksError>;
 }
 
 const SHARDS: usize = 64;
@@ -282,20 +299,15 @@ impl InMemoryMarks {
     }
 }
 
+#[async_trait::async_trait]
 impl WriterMarks for InMemoryMarks {
-    fn get<'a>(&'a self, user: &'a UserKey) -> BoxFuture<'a, Result<Option<Mark>, MarksError>> {
-        let r = self.get_now(user, Instant::now());
-        Box::pin(async move { Ok(r) })
+    async fn get(&self, user: &UserKey) -> Result<Option<Mark>, MarksError> {
+        Ok(self.get_now(user, Instant::now()))
     }
 
-    fn set_max<'a>(
-        &'a self,
-        user: &'a UserKey,
-        lsn: Lsn,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), MarksError>> {
+    async fn set_max(&self, user: &UserKey, lsn: Lsn, ttl: Duration) -> Result<(), MarksError> {
         self.set_max_now(user, lsn, ttl, Instant::now());
-        Box::pin(async move { Ok(()) })
+        Ok(())
     }
 }
 

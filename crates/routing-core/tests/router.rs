@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use fake::{FakeBackend, FakeError, World, catch_up_after};
 use routing_core::{
-    Backend, BoxFuture, CausalToken, Consistency, Error, ErrorKind, Lsn, Mark, MarksError,
-    NodeConfig, RegionPolicy, RequestContext, Router, RouterConfig, TokenCodec, TokenError,
-    TokenKey, UserKey, WriterMarks,
+    Backend, CausalToken, Consistency, Error, ErrorKind, Lsn, Mark, MarksError, NodeConfig,
+    RegionPolicy, RequestContext, Router, RouterConfig, TokenCodec, TokenError, TokenKey, UserKey,
+    WriterMarks,
 };
 
 fn fast_config() -> RouterConfig {
@@ -373,17 +373,13 @@ async fn writes_fail_with_a_typed_error_when_no_primary_appears() {
 
 struct BrokenMarks;
 
+#[routing_core::async_trait]
 impl WriterMarks for BrokenMarks {
-    fn get<'a>(&'a self, _: &'a UserKey) -> BoxFuture<'a, Result<Option<Mark>, MarksError>> {
-        Box::pin(async { Err(MarksError::new("down")) })
+    async fn get(&self, _: &UserKey) -> Result<Option<Mark>, MarksError> {
+        Err(MarksError::new("down"))
     }
-    fn set_max<'a>(
-        &'a self,
-        _: &'a UserKey,
-        _: Lsn,
-        _: Duration,
-    ) -> BoxFuture<'a, Result<(), MarksError>> {
-        Box::pin(async { Err(MarksError::new("down")) })
+    async fn set_max(&self, _: &UserKey, _: Lsn, _: Duration) -> Result<(), MarksError> {
+        Err(MarksError::new("down"))
     }
 }
 

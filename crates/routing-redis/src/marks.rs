@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use futures_util::future::BoxFuture;
 use redis::{IntoConnectionInfo, RedisResult};
 use routing_core::{Lsn, Mark, MarksError, UserKey, WriterMarks};
 
@@ -738,17 +737,13 @@ impl Drop for RetryOnDrop<'_> {
     }
 }
 
+#[async_trait::async_trait]
 impl WriterMarks for RedisMarks {
-    fn get<'a>(&'a self, user: &'a UserKey) -> BoxFuture<'a, Result<Option<Mark>, MarksError>> {
-        Box::pin(self.inner.get(user))
+    async fn get(&self, user: &UserKey) -> Result<Option<Mark>, MarksError> {
+        self.inner.get(user).await
     }
 
-    fn set_max<'a>(
-        &'a self,
-        user: &'a UserKey,
-        lsn: Lsn,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), MarksError>> {
-        Box::pin(self.inner.set_max(user, lsn, ttl))
+    async fn set_max(&self, user: &UserKey, lsn: Lsn, ttl: Duration) -> Result<(), MarksError> {
+        self.inner.set_max(user, lsn, ttl).await
     }
 }

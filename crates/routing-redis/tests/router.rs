@@ -8,7 +8,6 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use routing_redis::{Lsn, Mark, MarksError, RedisMarks, RestartPolicy, UserKey, WriterMarks};
 use routing_sqlx::sqlx;
@@ -43,40 +42,32 @@ impl Traced {
     }
 }
 
+#[routing_core::async_trait]
 impl WriterMarks for Traced {
-    fn get<'a>(&'a self, user: &'a UserKey) -> BoxFuture<'a, Result<Option<Mark>, MarksError>> {
-        Box::pin(async move {
-            let t = Instant::now();
-            let r = self.inner.get(user).await;
-            let shown = match &r {
-                Ok(m) => format!("get -> {:?}", m.map(|m| m.lsn)),
-                Err(e) => format!("get -> error {e}"),
-            };
-            self.note(user, format!("{shown} in {:.1?}", t.elapsed()));
-            r
-        })
+    async fn get(&self, user: &UserKey) -> Result<Option<Mark>, MarksError> {
+        let t = Instant::now();
+        let r = self.inner.get(user).await;
+        let shown = match &r {
+            Ok(m) => format!("get -> {:?}", m.map(|m| m.lsn)),
+            Err(e) => format!("get -> error {e}"),
+        };
+        self.note(user, format!("{shown} in {:.1?}", t.elapsed()));
+        r
     }
 
-    fn set_max<'a>(
-        &'a self,
-        user: &'a UserKey,
-        lsn: Lsn,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), MarksError>> {
-        Box::pin(async move {
-            let t = Instant::now();
-            self.note(user, format!("set_max {lsn} starts"));
-            let r = self.inner.set_max(user, lsn, ttl).await;
-            self.note(
-                user,
-                format!(
-                    "set_max {lsn} -> {:?} in {:.1?}",
-                    r.as_ref().map_err(|e| e.to_string()),
-                    t.elapsed()
-                ),
-            );
-            r
-        })
+    async fn set_max(&self, user: &UserKey, lsn: Lsn, ttl: Duration) -> Result<(), MarksError> {
+        let t = Instant::now();
+        self.note(user, format!("set_max {lsn} starts"));
+        let r = self.inner.set_max(user, lsn, ttl).await;
+        self.note(
+            user,
+            format!(
+                "set_max {lsn} -> {:?} in {:.1?}",
+                r.as_ref().map_err(|e| e.to_string()),
+                t.elapsed()
+            ),
+        );
+        r
     }
 }
 

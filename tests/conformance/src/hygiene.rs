@@ -662,21 +662,15 @@ pub async fn commit_lsn_covers_asynchronous_commits<H: Harness>() {
 #[derive(Debug)]
 struct SlowMarks(InMemoryMarks, Duration);
 
+#[routing_core::async_trait]
 impl WriterMarks for SlowMarks {
-    fn get<'a>(&'a self, user: &'a UserKey) -> BoxFuture<'a, Result<Option<Mark>, MarksError>> {
-        self.0.get(user)
+    async fn get(&self, user: &UserKey) -> Result<Option<Mark>, MarksError> {
+        self.0.get(user).await
     }
 
-    fn set_max<'a>(
-        &'a self,
-        user: &'a UserKey,
-        lsn: Lsn,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), MarksError>> {
-        Box::pin(async move {
-            tokio::time::sleep(self.1).await;
-            self.0.set_max(user, lsn, ttl).await
-        })
+    async fn set_max(&self, user: &UserKey, lsn: Lsn, ttl: Duration) -> Result<(), MarksError> {
+        tokio::time::sleep(self.1).await;
+        self.0.set_max(user, lsn, ttl).await
     }
 }
 
