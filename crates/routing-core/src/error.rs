@@ -239,3 +239,143 @@ impl Error {
         )
     }
 }
+
+impl Error {
+    /// The classified driver error behind this one, when a node's driver reported it.
+    pub fn backend_error(&self) -> Option<&BackendError> {
+        match self {
+            Error::Backend { source, .. }
+            | Error::WriteOutcomeUnknown { source, .. }
+            | Error::WriteRejected { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// What a failed routed operation means for the caller, whatever the driver: the one mapping
+/// every adapter's error type and the web integration share (see [`RoutedError::class`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorClass {
+    /// The client sent a causal token that cannot be used (malformed, forged, from another
+    /// cluster, or claiming a position the primary cannot have reached): a client error.
+    BadToken,
+    /// No node could serve in time, or the node's session broke before anything was written:
+    /// retry later.
+    Unavailable,
+    /// A write went through a read session: a bug in the caller, never retried.
+    MisroutedWrite,
+    /// The server refused the transaction for a conflict with another (serialization failure,
+    /// deadlock): retry the whole transaction.
+    Conflict,
+    /// The write may or may not have committed (the connection broke after it was sent).
+    OutcomeUnknown,
+    /// Anything else: the query's own error (constraint, syntax, ...), or a configuration error.
+    Other,
+}
+
+/// The error of a routed query, as every adapter's error type (`routing_sqlx::DbError`,
+/// `routing_diesel::DbError`) and the router's own [`Error`] expose it: either the router
+/// refused or failed, or the driver's query failed. The provided methods classify both the same
+/// way, so code that handles errors (the web layer's HTTP mapping, an application's own) is
+/// written once.
+pub trait RoutedError: std::error::Error + Send + Sync + 'static {
+    /// The router's error, when the router refused or failed.
+    fn routing(&self) -> Option<&Error>;
+
+    /// The driver's error from the application's own query, classified (its driver error is
+    /// reachable with [`crate::RedactedError::downcast_ref`] on `source`).
+    fn query(&self) -> Option<&BackendError>;
+
+    /// The classified driver error, from the query or behind the router's error.
+    fn driver(&self) -> Option<&BackendError> {
+        self.query()
+            .or_else(|| self.routing().and_then(Error::backend_error))
+    }
+
+    /// The server's SQLSTATE, when the server sent one.
+    fn sqlstate(&self) -> Option<&str> {
+        self.driver().and_then(|d| d.sqlstate.as_deref())
+    }
+
+    /// A write went through a read session: the router's [`Error::MisroutedWrite`], or a
+    /// query refused as read-only ([`ErrorKind::ReadOnly`]: 25006, or a standby's refusal of
+    /// read-write mode). A permission error under a read-only role is recognised only by the
+    /// session's own `check` ([`crate::ReadConn::check`]), which knows the role.
+    fn is_misrouted_write(&self) -> bool {
+        matches!(self.routing(), Some(Error::MisroutedWrite { .. }))
+            || self.query().is_some_and(|q| q.kind == ErrorKind::ReadOnly)
+    }
+
+    /// What the failure means for the caller.
+    fn class(&self) -> ErrorClass {
+        if self.is_misrouted_write() {
+            return ErrorClass::MisroutedWrite;
+        }
+        if matches!(self.sqlstate(), Some("40001" | "40P01")) {
+            return ErrorClass::Conflict;
+        }
+        match (self.routing(), self.query()) {
+            (Some(Error::Token(_)), _) => ErrorClass::BadToken,
+            (Some(Error::WriteOutcomeUnknown { .. }), _) => ErrorClass::OutcomeUnknown,
+            (Some(e), _) if e.is_safe_to_retry() || matches!(e, Error::Shutdown) => {
+                ErrorClass::Unavailable
+            }
+            (Some(Error::Backend { source, .. }), _) | (None, Some(source))
+                if matches!(
+                    source.kind,
+                    ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::PoolBusy
+                ) =>
+            {
+                ErrorClass::Unavailable
+            }
+            _ => ErrorClass::Other,
+        }
+    }
+}
+
+impl RoutedError for Error {
+    fn routing(&self) -> Option<&Error> {
+        Some(self)
+    }
+
+    fn query(&self) -> Option<&BackendError> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod class_tests {
+    use super::*;
+
+    #[test]
+    fn classes_of_the_routers_errors() {
+        let t = Error::Token(TokenError::BadSignature);
+        assert_eq!(t.class(), ErrorClass::BadToken);
+        let m = Error::MisroutedWrite { node: "r".into() };
+        assert!(m.is_misrouted_write());
+        assert_eq!(m.class(), ErrorClass::MisroutedWrite);
+        let busy = Error::PoolExhausted {
+            node: "p".into(),
+            waited: Duration::ZERO,
+        };
+        assert_eq!(busy.class(), ErrorClass::Unavailable);
+        let lost = Error::WriteOutcomeUnknown {
+            node: "p".into(),
+            source: BackendError::new(ErrorKind::Connection, "reset"),
+        };
+        assert_eq!(lost.class(), ErrorClass::OutcomeUnknown);
+        let serial = Error::Backend {
+            node: "p".into(),
+            source: BackendError::new(ErrorKind::Query, "could not serialize")
+                .with_sqlstate("40001"),
+        };
+        assert_eq!(serial.class(), ErrorClass::Conflict);
+        assert_eq!(serial.sqlstate(), Some("40001"));
+        let unique = Error::Backend {
+            node: "p".into(),
+            source: BackendError::new(ErrorKind::Query, "duplicate").with_sqlstate("23505"),
+        };
+        assert_eq!(unique.class(), ErrorClass::Other);
+    }
+}

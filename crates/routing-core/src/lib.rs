@@ -37,7 +37,7 @@ pub use config::{
     BanPolicy, LagBounds, MarksFailure, NodeConfig, PoolSettings, RoleHint, RouterConfig,
 };
 pub use context::{Consistency, Region, RequestContext, UserKey};
-pub use error::{BackendError, Error, ErrorKind};
+pub use error::{BackendError, Error, ErrorClass, ErrorKind, RoutedError};
 pub use lsn::{Lsn, LsnParseError};
 pub use marks::{InMemoryMarks, Mark, MarksError, WriterMarks};
 pub use policy::{Candidate, LeastOutstanding, Random, RegionPolicy, ReplicaPicker, RoundRobin};

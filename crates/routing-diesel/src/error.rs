@@ -67,9 +67,18 @@ fn classify_message(message: &str) -> Option<ErrorKind> {
 
 /// A query error on `label`'s session.
 pub(crate) fn query_error(label: &str, err: DieselError) -> BackendError {
+    classified(format!("{label}: {err}"), err)
+}
+
+/// An application query's error (see [`crate::DbError`]).
+pub(crate) fn application_error(err: DieselError) -> BackendError {
+    classified(err.to_string(), err)
+}
+
+fn classified(message: String, err: DieselError) -> BackendError {
     let kind = classify(&err);
     let code = sqlstate(&err);
-    let mut out = BackendError::new(kind, format!("{label}: {err}"));
+    let mut out = BackendError::new(kind, message);
     if let Some(code) = code {
         out = out.with_sqlstate(code);
     }

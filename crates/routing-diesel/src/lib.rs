@@ -80,10 +80,12 @@
 //! ```
 
 mod backend;
+mod db_error;
 mod error;
 mod lsn;
 
 pub use backend::{DieselBackend, DieselPool, PooledConn};
+pub use db_error::DbError;
 pub use error::classify;
 pub use lsn::{commit_lsn, from_pg_lsn, replay_lsn, to_pg_lsn};
 

@@ -126,10 +126,12 @@
 //!   before the checkout reports [`ErrorKind::NotWriter`].
 
 mod backend;
+mod db_error;
 mod errors;
 mod options;
 
 pub use backend::{NodePool, SqlxBackend};
+pub use db_error::DbError;
 pub use errors::{backend_error, classify, sqlstate};
 
 pub use routing_core;

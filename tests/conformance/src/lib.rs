@@ -79,6 +79,14 @@ mod roles;
 pub use roles::least_privilege_monitor_sees_timelines_and_system_id;
 mod clones;
 pub use clones::tokens_from_a_cloned_cluster_are_not_trusted;
+mod web;
+pub use web::{
+    web_a_user_created_by_a_write_is_marked, web_anonymous_signup_then_login_reads_its_own_account,
+    web_bad_tokens_are_answered_400, web_force_primary_and_method_defaults,
+    web_region_header_is_trusted_only_from_proxies,
+    web_tokens_round_trip_through_header_and_cookie,
+    web_transactions_commit_on_success_and_roll_back_otherwise,
+};
 mod hygiene;
 pub use hygiene::{
     a_cancelled_commit_still_records_the_mark, commit_lsn_covers_asynchronous_commits,
@@ -141,6 +149,13 @@ macro_rules! conformance_tests {
             a_missed_probe_or_a_broken_session_keeps_the_generation,
             least_privilege_monitor_sees_timelines_and_system_id,
             tokens_from_a_cloned_cluster_are_not_trusted,
+            web_tokens_round_trip_through_header_and_cookie,
+            web_anonymous_signup_then_login_reads_its_own_account,
+            web_a_user_created_by_a_write_is_marked,
+            web_region_header_is_trusted_only_from_proxies,
+            web_bad_tokens_are_answered_400,
+            web_transactions_commit_on_success_and_roll_back_otherwise,
+            web_force_primary_and_method_defaults,
         );
     };
     (@each $h:ty; $($name:ident),* $(,)?) => {

@@ -303,6 +303,11 @@ impl<B: Backend> Router<B> {
         Ok(codec.verify(text)?)
     }
 
+    /// The token codec, when the router signs and verifies causal tokens ([`RouterBuilder::tokens`]).
+    pub fn tokens(&self) -> Option<&TokenCodec> {
+        self.inner.codec.as_ref()
+    }
+
     /// Signs a token (the write path does this for you).
     pub fn sign_token(&self, token: &CausalToken) -> Option<String> {
         self.inner.codec.as_ref().map(|c| c.sign(token))

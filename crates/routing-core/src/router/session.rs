@@ -23,10 +23,10 @@ pub(crate) struct Session<B: Backend> {
     pub(crate) node: usize,
     access: Access,
     pub(crate) inner: Arc<Inner<B>>,
-    /// Set while a commit is in flight for this user: if the guard is dropped then (the
-    /// caller's future was cancelled), the reset task first records the user's mark at the
-    /// session's commit position, so a cancelled `finish`/`commit` never loses it.
-    pub(crate) pending_mark: Option<UserKey>,
+    /// Set while a commit is in flight for these users: if the guard is dropped then (the
+    /// caller's future was cancelled), the reset task first records their marks at the
+    /// session's commit position, so a cancelled `finish`/`commit` never loses them.
+    pub(crate) pending_mark: Vec<UserKey>,
 }
 
 impl<B: Backend> Session<B> {
@@ -42,7 +42,7 @@ impl<B: Backend> Session<B> {
             node,
             access,
             inner,
-            pending_mark: None,
+            pending_mark: Vec::new(),
         }
     }
 
@@ -94,7 +94,7 @@ impl<B: Backend> Drop for Session<B> {
                 self.node,
                 self.access,
                 returning,
-                self.pending_mark.take(),
+                std::mem::take(&mut self.pending_mark),
             ));
         }
     }
@@ -118,18 +118,24 @@ async fn clean_and_return<B: Backend>(
     node: usize,
     access: Access,
     mut returning: Returning<B>,
-    pending_mark: Option<UserKey>,
+    pending_mark: Vec<UserKey>,
 ) {
     let Some(pooled) = returning.pooled.as_mut() else {
         return;
     };
     let limit = inner.config.pool.connect_timeout;
-    if let Some(user) = pending_mark {
+    if !pending_mark.is_empty() {
         // Queries on one session run in order: this runs after the cancelled COMMIT, whatever
         // became of it, so its position covers that commit if it happened.
         let recorded = tokio::time::timeout(limit, async {
             match B::current_wal_lsn(pooled).await {
-                Ok(Some(lsn)) => inner.raise_mark(&user, lsn).await,
+                Ok(Some(lsn)) => {
+                    let mut all = true;
+                    for user in &pending_mark {
+                        all &= inner.raise_mark(user, lsn).await;
+                    }
+                    all
+                }
                 _ => false,
             }
         })

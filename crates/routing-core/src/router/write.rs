@@ -28,6 +28,7 @@ impl<B: Backend> Router<B> {
         Ok(WriteConn {
             session: Session::new(self.inner.clone(), node, Access::ReadWrite, pooled),
             user: ctx.user.clone(),
+            also_mark: Vec::new(),
         })
     }
 
@@ -155,8 +156,8 @@ pub struct WriteReceipt {
     pub causal: CausalToken,
     /// The signed token text, when the router has a key.
     pub token: Option<String>,
-    /// Whether the user's mark was raised to `lsn`: `None` without a user, `Some(false)` when the
-    /// marks store failed. Then only the token protects this user's next reads on other
+    /// Whether the users' marks (the request's user and any [`WriteConn::mark_user`] named) were
+    /// raised to `lsn`: `None` without a user, `Some(false)` when the marks store failed. Then only the token protects this user's next reads on other
     /// processes: hand it to the client.
     pub mark_recorded: Option<bool>,
 }
@@ -169,6 +170,8 @@ pub struct WriteReceipt {
 pub struct WriteConn<B: Backend> {
     session: Session<B>,
     user: Option<UserKey>,
+    /// Users this write creates or acts for besides the request's own ([`WriteConn::mark_user`]).
+    also_mark: Vec<UserKey>,
 }
 
 impl<B: Backend> WriteConn<B> {
@@ -180,6 +183,22 @@ impl<B: Backend> WriteConn<B> {
     /// The pooled session, for backend-generic helpers.
     pub fn pooled(&mut self) -> &mut B::Pooled {
         self.session.pooled()
+    }
+
+    /// Also raises this user's mark when the write commits: for a write that creates the user
+    /// (a sign-up, whose id exists only after the INSERT) or acts for another one. The
+    /// request's own user, if any, is still marked.
+    pub fn mark_user(&mut self, user: impl Into<UserKey>) -> &mut Self {
+        let user = user.into();
+        if self.user.as_ref() != Some(&user) && !self.also_mark.contains(&user) {
+            self.also_mark.push(user);
+        }
+        self
+    }
+
+    /// Every user whose mark a commit raises.
+    fn marked_users(&self) -> Vec<UserKey> {
+        self.user.iter().chain(&self.also_mark).cloned().collect()
     }
 
     /// Maps a driver result: a broken connection becomes [`Error::WriteOutcomeUnknown`] (never
@@ -248,7 +267,9 @@ impl<B: Backend> WriteConn<B> {
         }
     }
 
-    async fn begin(&mut self) -> Result<(), Error> {
+    /// Opens a transaction on this session (`BEGIN`); end it with [`WriteConn::commit`], or
+    /// drop the guard to roll it back. [`WriteConn::transaction`] does both around a closure.
+    pub async fn begin(&mut self) -> Result<(), Error> {
         let begun = B::execute_batch(self.session.pooled(), sql::BEGIN).await;
         begun.map_err(|source| self.map_error(source))
     }
@@ -264,12 +285,12 @@ impl<B: Backend> WriteConn<B> {
     /// still open on the session (nothing is committed yet; it is rolled back on drop) or the
     /// open transaction was aborted.
     pub async fn finish(mut self) -> Result<WriteReceipt, Error> {
-        self.session.pending_mark = self.user.clone();
+        self.session.pending_mark = self.marked_users();
         let read = B::current_wal_lsn(self.session.pooled()).await;
         let lsn = match read {
             Ok(Some(lsn)) => lsn,
             Ok(None) => {
-                self.session.pending_mark = None;
+                self.session.pending_mark.clear();
                 return Err(Error::NotCommitted {
                     node: self.node_name().to_string(),
                     reason: "finish() was called with a transaction still open: commit it first, \
@@ -278,7 +299,7 @@ impl<B: Backend> WriteConn<B> {
                 });
             }
             Err(source) => {
-                self.session.pending_mark = None;
+                self.session.pending_mark.clear();
                 return Err(match self.map_error(source) {
                     Error::Backend { node, source } => Error::WriteOutcomeUnknown { node, source },
                     other => other,
@@ -296,12 +317,12 @@ impl<B: Backend> WriteConn<B> {
     /// of the latter nothing was written.
     pub async fn commit(mut self) -> Result<WriteReceipt, Error> {
         // From here on a cancelled future still records the mark (see `Session`).
-        self.session.pending_mark = self.user.clone();
+        self.session.pending_mark = self.marked_users();
         let committed = B::commit_returning_lsn(self.session.pooled()).await;
         let lsn = match committed {
             Ok(Some(lsn)) => lsn,
             Ok(None) => {
-                self.session.pending_mark = None;
+                self.session.pending_mark.clear();
                 return Err(Error::Backend {
                     node: self.node_name().to_string(),
                     source: BackendError::new(
@@ -313,7 +334,7 @@ impl<B: Backend> WriteConn<B> {
             Err(source) => {
                 if !matches!(source.kind, ErrorKind::Connection | ErrorKind::Timeout) {
                     // The server answered: nothing was committed, there is nothing to mark.
-                    self.session.pending_mark = None;
+                    self.session.pending_mark.clear();
                 }
                 return Err(self.map_error(source));
             }
@@ -325,8 +346,13 @@ impl<B: Backend> WriteConn<B> {
         let inner = self.session.inner.clone();
         inner.max_commit_lsn.fetch_max(lsn.0, Ordering::Relaxed);
         let mut mark_recorded = None;
-        if let Some(user) = &self.user {
-            let recorded = inner.raise_mark(user, lsn).await;
+        // Kept on the session until recorded: a future dropped during the update still marks.
+        let users = self.session.pending_mark.clone();
+        if !users.is_empty() {
+            let mut recorded = true;
+            for user in &users {
+                recorded &= inner.raise_mark(user, lsn).await;
+            }
             if !recorded {
                 bump(&inner.counters.mark_update_failures);
                 if let Some(suppressed) = inner.marks_warnings.allow() {
@@ -336,7 +362,7 @@ impl<B: Backend> WriteConn<B> {
             mark_recorded = Some(recorded);
         }
         // Recorded, or reported as not recorded: the drop path has nothing left to do.
-        self.session.pending_mark = None;
+        self.session.pending_mark.clear();
         let snap = inner.topo.load();
         let causal = CausalToken {
             lsn,
