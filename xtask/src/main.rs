@@ -5,6 +5,7 @@
 //! seconds on a fresh machine.
 
 mod deny;
+mod features;
 mod leftovers;
 mod prereq;
 mod util;
@@ -102,6 +103,11 @@ fn test() -> Result<(), Fail> {
                 ])
                 .current_dir(&root))
         },
+    )?;
+
+    step(
+        "features: pg-routing builds with each feature alone and pulls in nothing else",
+        || features::check(&root),
     )?;
 
     // The leftover check looks only at what this run created: other processes on a shared

@@ -98,3 +98,8 @@ pub mod redis {
 pub mod axum {
     pub use routing_axum::*;
 }
+
+/// The repository README's examples, compiled (with every feature on).
+#[cfg(all(doctest, feature = "sqlx", feature = "redis", feature = "axum"))]
+#[doc = include_str!("../../../README.md")]
+mod readme {}
