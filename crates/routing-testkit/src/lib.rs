@@ -19,6 +19,7 @@ mod bins;
 mod cleanup;
 mod cluster;
 mod error;
+mod pgpool;
 mod ports;
 mod proc;
 mod proxy;
@@ -28,4 +29,5 @@ pub use cluster::{
     READER_ROLE, WRITER_PASSWORD, WRITER_ROLE, shared,
 };
 pub use error::KitError;
+pub use pgpool::Pgpool;
 pub use proxy::{FaultProxy, ProxyMode};
