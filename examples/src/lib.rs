@@ -2,4 +2,5 @@
 //! (`cargo xtask demo`). Not published.
 
 pub mod chaos;
+pub mod offload;
 pub mod peer;
