@@ -1,4 +1,7 @@
-//! Runnable material: the consistency checker (`cargo xtask chaos`) and the product tour
-//! (`cargo xtask demo`). Not published.
+//! Runnable material: the consistency checker (`cargo xtask chaos`), the product tour
+//! (`cargo xtask demo`) and the web examples' service ([`web_service`]) with a minimal HTTP
+//! client ([`http`]). Not published.
 
 pub mod chaos;
+pub mod http;
+pub mod web_service;
