@@ -185,7 +185,9 @@ async fn get_user(
             .fetch_optional(db.conn().await?)
             .await?;
     let node = db.node_name().unwrap_or_default().to_string();
-    Ok((served_by(&node), Json(user(row.ok_or(AppError::NotFound)?))))
+    // A miss names its node too: a 404 from a lagging replica is worth knowing about.
+    let found = row.map(|r| Json(user(r))).ok_or(AppError::NotFound);
+    Ok((served_by(&node), found))
 }
 
 /// `GET /users/by-email/{email}`: the log-in lookup. There is no user yet, so only the
@@ -200,7 +202,9 @@ async fn user_by_email(
             .fetch_optional(db.conn().await?)
             .await?;
     let node = db.node_name().unwrap_or_default().to_string();
-    Ok((served_by(&node), Json(user(row.ok_or(AppError::NotFound)?))))
+    // A miss names its node too: a 404 from a lagging replica is worth knowing about.
+    let found = row.map(|r| Json(user(r))).ok_or(AppError::NotFound);
+    Ok((served_by(&node), found))
 }
 
 /// `POST /transfers` (a force-primary route): reads both balances and updates them in one
