@@ -93,13 +93,18 @@ impl Client {
         stream.write_all(body.as_bytes()).await?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await?;
-        parse(&String::from_utf8_lossy(&raw))
+        parse(&raw)
     }
 }
 
-fn parse(raw: &str) -> std::io::Result<Reply> {
+fn parse(raw: &[u8]) -> std::io::Result<Reply> {
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response");
-    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(bad)?;
+    let head = String::from_utf8_lossy(&raw[..end]);
+    let body = &raw[end + 4..];
     let mut lines = head.split("\r\n");
     let status = lines
         .next()
@@ -116,26 +121,51 @@ fn parse(raw: &str) -> std::io::Result<Reply> {
     let body = if chunked {
         unchunk(body)
     } else {
-        body.to_string()
+        body.to_vec()
     };
     Ok(Reply {
         status,
         headers,
-        body,
+        body: String::from_utf8_lossy(&body).into_owned(),
     })
 }
 
-fn unchunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+/// Decodes a chunked body (`size CRLF data CRLF ... 0 CRLF CRLF`).
+fn unchunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&rest[..eol]).unwrap_or_default();
+        let size = size.split(';').next().unwrap_or_default().trim();
+        let Ok(n) = usize::from_str_radix(size, 16) else {
             break;
         };
-        if n == 0 || after.len() < n {
+        let data = &rest[eol + 2..];
+        if n == 0 || data.len() < n {
             break;
         }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
+        out.extend_from_slice(&data[..n]);
+        rest = data[n..].strip_prefix(b"\r\n").unwrap_or(&data[n..]);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_responses() {
+        let plain =
+            parse(b"HTTP/1.1 201 Created\r\nX-Served-By: pg0\r\ncontent-length: 2\r\n\r\n{}")
+                .expect("plain");
+        assert_eq!(
+            (plain.status, plain.served_by(), plain.body.as_str()),
+            (201, "pg0", "{}")
+        );
+        let chunked = parse(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nab\xc3\r\n2\r\n\xa9d\r\n0\r\n\r\n",
+        )
+        .expect("chunked");
+        assert_eq!(chunked.body, "ab\u{e9}d");
+    }
 }
