@@ -18,6 +18,7 @@
 
 use std::time::Duration;
 
+use pg_routing::axum::TOKEN_HEADER;
 use pg_routing::sqlx::SqlxBackend;
 use routing_examples::http::{Client, Reply};
 use routing_examples::web_service::{self, BoxError};
@@ -77,7 +78,7 @@ async fn main() -> Result<(), BoxError> {
 
     let login = "/users/by-email/grace@example.com";
     let with_token = b
-        .send("GET", login, &[("x-read-after", &token)], None)
+        .send("GET", login, &[(TOKEN_HEADER, &token)], None)
         .await?;
     show("client B", "GET ... with X-Read-After", &with_token);
     let without = c.send("GET", login, &[], None).await?;

@@ -30,7 +30,7 @@ impl Reply {
 
     /// The causal token the response carries (`X-Read-After`).
     pub fn token(&self) -> Option<&str> {
-        self.header("x-read-after")
+        self.header(pg_routing::axum::TOKEN_HEADER)
     }
 
     /// The body as JSON.

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use pg_routing::axum::TOKEN_HEADER;
 use pg_routing::sqlx::SqlxBackend;
 use routing_examples::http::Client;
 use routing_examples::web_service::{app, create_schema, kit_router, serve};
@@ -49,7 +50,7 @@ async fn the_users_service_routes_and_protects_reads() {
 
     let login = format!("/users/by-email/{email}");
     let res = client
-        .send("GET", &login, &[("x-read-after", token)], None)
+        .send("GET", &login, &[(TOKEN_HEADER, token)], None)
         .await
         .expect("log-in");
     assert_eq!(
