@@ -23,7 +23,7 @@
 //! |---|---|
 //! | `ROUTING_WRITER_URL` | the primary's connection URL (`postgres://app:...@db1/app`) |
 //! | `ROUTING_REPLICA_URLS` | replicas' URLs, comma-separated |
-//! | `ROUTING_TOKEN_KEY` | the causal tokens' signing key, at least 32 bytes (required) |
+//! | `ROUTING_TOKEN_KEY` | the causal tokens' signing key, 16 bytes or more, 32 random ones advised (required) |
 //! | `ROUTING_CLUSTER` | the cluster name tokens are bound to (default `pg-routing`) |
 //! | `ROUTING_REDIS_URL` | Redis for marks shared by every process (optional; else in memory) |
 //! | `ROUTING_LISTEN` | the address to serve on (default `127.0.0.1:3000`) |

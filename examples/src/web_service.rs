@@ -323,7 +323,7 @@ const LOCAL_TOKEN_KEY: &str = "local-demo-key-not-a-secret-0123456789";
 /// |---|---|
 /// | `ROUTING_WRITER_URL` | the primary's connection URL; unset: a local test-kit cluster |
 /// | `ROUTING_REPLICA_URLS` | replicas' URLs, comma-separated (named `replica1`, `replica2`, ...) |
-/// | `ROUTING_TOKEN_KEY` | the causal tokens' signing key, at least 32 bytes (required with a writer URL) |
+/// | `ROUTING_TOKEN_KEY` | the causal tokens' signing key, at least 16 bytes, 32 random ones advised (required with a writer URL) |
 /// | `ROUTING_CLUSTER` | the cluster name tokens are bound to (default `pg-routing`) |
 /// | `ROUTING_REDIS_URL` | Redis for marks shared by every process; unset: marks in memory |
 /// | `ROUTING_LISTEN` | the address to serve on (default `127.0.0.1:3000`) |
@@ -363,8 +363,9 @@ pub async fn router_from_env<B: Backend>(backend: B) -> Result<Setup<B>, BoxErro
     }
     let key =
         var("ROUTING_TOKEN_KEY").ok_or("ROUTING_TOKEN_KEY is required with ROUTING_WRITER_URL")?;
-    let codec = TokenCodec::new(TokenKey::new(1, key)?)
-        .cluster(var("ROUTING_CLUSTER").unwrap_or_else(|| "pg-routing".into()));
+    let key = TokenKey::new(1, key).map_err(|e| format!("ROUTING_TOKEN_KEY: {e}"))?;
+    let codec =
+        TokenCodec::new(key).cluster(var("ROUTING_CLUSTER").unwrap_or_else(|| "pg-routing".into()));
     let marks: Arc<dyn WriterMarks> = match var("ROUTING_REDIS_URL") {
         Some(url) => Arc::new(pg_routing::redis::RedisMarks::new(url.as_str())?),
         None => {
