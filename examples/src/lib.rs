@@ -1,6 +1,9 @@
-//! Runnable material: the consistency checker (`cargo xtask chaos`) and the product tour
-//! (`cargo xtask demo`). Not published.
+//! Runnable material: the consistency checker (`cargo xtask chaos`), the product tour
+//! (`cargo xtask demo`), the web examples' service ([`web_service`]) with a minimal HTTP
+//! client ([`http`]), and benchmark workloads ([`offload`], [`peer`]). Not published.
 
 pub mod chaos;
+pub mod http;
 pub mod offload;
 pub mod peer;
+pub mod web_service;
