@@ -94,7 +94,9 @@ pub async fn run(cluster: &Cluster, opts: &OffloadOptions) -> Result<Vec<Offload
         .wait_replicated(Duration::from_secs(10))
         .map_err(|e| e.to_string())?;
     let primary_port = i32::from(cluster.node(primary).port());
-    let replicas: Vec<usize> = (0..cluster.nodes().len()).filter(|&i| i != primary).collect();
+    let replicas: Vec<usize> = (0..cluster.nodes().len())
+        .filter(|&i| i != primary)
+        .collect();
     let mut rows = Vec::new();
     for &delay in &opts.delays {
         for &i in &replicas {
@@ -118,7 +120,8 @@ pub async fn run(cluster: &Cluster, opts: &OffloadOptions) -> Result<Vec<Offload
                 .config(config)
                 .marks(Arc::new(InMemoryMarks::default()))
                 .tokens(TokenCodec::new(
-                    TokenKey::new(1, "offload-benchmark-key-0123456789").map_err(|e| format!("{e:?}"))?,
+                    TokenKey::new(1, "offload-benchmark-key-0123456789")
+                        .map_err(|e| format!("{e:?}"))?,
                 ))
                 .build()
                 .await

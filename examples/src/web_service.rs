@@ -243,6 +243,18 @@ async fn transfer(
     Ok((served_by(&node), Json(balances)))
 }
 
+/// `POST /bug/write-through-read`: a deliberate bug, kept for the tour: a handler that writes
+/// through a read session. The session refuses it and the library answers 500 (a misrouted
+/// write is a bug in the handler, never retried elsewhere).
+async fn write_through_read(mut db: Read<AppError>) -> Result<impl IntoResponse, AppError> {
+    let done = sqlx::query("UPDATE users SET balance = balance + 1")
+        .execute(db.conn().await?)
+        .await;
+    let node = db.node_name().unwrap_or_default().to_string();
+    done?;
+    Ok((served_by(&node), "written"))
+}
+
 /// The layer this service uses: the user from [`USER_HEADER`], the causal token in
 /// `X-Read-After` and, for browsers, in the [`TOKEN_COOKIE`] cookie.
 pub fn layer(router: Router) -> RoutingLayer {
@@ -270,6 +282,7 @@ pub fn app_with(layer: RoutingLayer) -> axum::Router {
         .route("/users/{id}", get(get_user))
         .route("/users/by-email/{email}", get(user_by_email))
         .route("/transfers", post(transfer).layer(force_primary()))
+        .route("/bug/write-through-read", post(write_through_read))
         .layer(layer)
 }
 

@@ -18,7 +18,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .and_then(|a| a.parse().ok())
         .map(Duration::from_millis);
-    let cluster = tokio::task::spawn_blocking(|| ClusterBuilder::new().replicas(2).start()).await??;
+    let cluster =
+        tokio::task::spawn_blocking(|| ClusterBuilder::new().replicas(2).start()).await??;
     let opts = OffloadOptions {
         run_time: Duration::from_secs_f64(secs),
         concurrency,
@@ -29,7 +30,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for r in &rows {
         eprintln!(
             "{:>20} delay {:>3} ms: replica share {:.2}, stale {:>4}, read p50 {:.2} ms p99 {:.2} ms, {:.0} reads/s, failed {}",
-            r.mode, r.delay_ms, r.replica_share, r.stale_reads, r.read_p50_ms, r.read_p99_ms, r.read_throughput, r.failed
+            r.mode,
+            r.delay_ms,
+            r.replica_share,
+            r.stale_reads,
+            r.read_p50_ms,
+            r.read_p99_ms,
+            r.read_throughput,
+            r.failed
         );
     }
     println!("{}", serde_json::to_string_pretty(&rows)?);
