@@ -2,7 +2,9 @@
 //! (`cargo xtask demo`), the web examples' service ([`web_service`]) with a minimal HTTP
 //! client ([`http`]), and benchmark workloads ([`offload`], [`peer`]). Not published.
 
+pub mod chart;
 pub mod chaos;
+pub mod failover;
 pub mod http;
 pub mod offload;
 pub mod peer;
