@@ -13,7 +13,9 @@ const COLORS: [&str; 6] = [
 ];
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Draws both panels from the offload rows; `delay_ms` picks the delay of the latency panel.
@@ -113,7 +115,13 @@ fn latency_panel(out: &mut String, rows: &[OffloadRow], modes: &[&str], delay_ms
 }
 
 fn share_panel(out: &mut String, rows: &[OffloadRow], modes: &[&str], delays: &[u64], top: f64) {
-    axis(out, top, 1.0, "", "Replica share of reads per mode, by apply delay");
+    axis(
+        out,
+        top,
+        1.0,
+        "",
+        "Replica share of reads per mode, by apply delay",
+    );
     let bottom = top + PANEL - 40.0;
     let step = (W - 220.0 - LEFT) / (delays.len().max(2) - 1) as f64;
     let x_of = |i: usize| LEFT + 20.0 + step * i as f64;

@@ -121,6 +121,29 @@ async fn one(fault: Fault) -> Result<Duration, String> {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // The moment of promotion, as a client sees it: the new primary first answers that it is
+    // out of recovery (kit's promote() returns later than that, after its own checks).
+    let promoted_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let watch = {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&c.url(new))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (promoted_at, stop) = (promoted_at.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let in_recovery: Result<bool, _> =
+                    sqlx::query_scalar("SELECT pg_catalog.pg_is_in_recovery()")
+                        .fetch_one(&mut conn)
+                        .await;
+                if matches!(in_recovery, Ok(false)) {
+                    promoted_at.lock().get_or_insert(Instant::now());
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
     match &proxy {
         Some(p) => p.set_mode(ProxyMode::Blackhole),
         None => {
@@ -130,20 +153,23 @@ async fn one(fault: Fault) -> Result<Duration, String> {
     }
     let cc = c.clone();
     kit(move || cc.promote(new)).await?;
-    let promoted = Instant::now();
-    let limit = promoted + Duration::from_secs(15);
+    let limit = Instant::now() + Duration::from_secs(15);
     let first = loop {
         if let Some(at) = *first_on_new.lock() {
             break at;
         }
         if Instant::now() > limit {
             stop.store(true, Ordering::Relaxed);
-            return Err(format!("{fault:?}: no write on the new primary within 15 s"));
+            return Err(format!(
+                "{fault:?}: no write on the new primary within 15 s"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     stop.store(true, Ordering::Relaxed);
     let _ = load.await;
+    let _ = watch.await;
+    let promoted = (*promoted_at.lock()).ok_or("the promotion was never seen")?;
     router.shutdown();
     drop(router);
     drop(proxy);

@@ -2,8 +2,8 @@
 //! (`cargo xtask demo`), the web examples' service ([`web_service`]) with a minimal HTTP
 //! client ([`http`]), and benchmark workloads ([`offload`], [`peer`]). Not published.
 
-pub mod chart;
 pub mod chaos;
+pub mod chart;
 pub mod failover;
 pub mod http;
 pub mod offload;
