@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::{ConnString, Consistency, Error, Region};
+use crate::{ConnString, Consistency, Error, LagAlertThresholds, Region};
 
 /// What the operator expects a node to be. Roles are always verified by probing: a
 /// `Replica` that gets promoted becomes the writer, a `WriterCandidate` found in recovery serves reads.
@@ -43,6 +43,9 @@ pub struct NodeConfig {
     /// role than `url`'s: a least-privilege monitoring role (see [`NodeConfig::monitor_url`]
     /// for the grants). `None`: probes use `url`.
     pub monitor_url: Option<ConnString>,
+    /// Lag alert thresholds for this node, replacing [`RouterConfig::lag_alert`] (for example
+    /// a replica in a far region that is expected to run further behind). `None`: the router's.
+    pub lag_alert: Option<LagAlertThresholds>,
 }
 
 impl NodeConfig {
@@ -66,7 +69,15 @@ impl NodeConfig {
             reader_url: None,
             load_balanced: false,
             monitor_url: None,
+            lag_alert: None,
         }
+    }
+
+    /// Overrides the router's lag alert thresholds for this node (see
+    /// [`NodeConfig::lag_alert`]); [`LagAlertThresholds::DISABLED`] silences it.
+    pub fn lag_alert(mut self, thresholds: LagAlertThresholds) -> Self {
+        self.lag_alert = Some(thresholds);
+        self
     }
 
     /// Sets the region.
@@ -251,6 +262,10 @@ pub struct RouterConfig {
     /// (two probe intervals' worth, see [`crate::TokenPolicy`]). Never applied while the
     /// primary's position is unknown.
     pub future_lsn_tolerance: u64,
+    /// When a replica's lag raises an alert (an event and a call to every
+    /// [`crate::LagAlertHandler`]); nodes may override it ([`NodeConfig::lag_alert`]).
+    /// Default: disabled.
+    pub lag_alert: LagAlertThresholds,
 }
 
 impl Default for RouterConfig {
@@ -268,6 +283,7 @@ impl Default for RouterConfig {
             on_marks_failure: MarksFailure::Primary,
             pool: PoolSettings::default(),
             future_lsn_tolerance: 16 * 1024 * 1024,
+            lag_alert: LagAlertThresholds::DISABLED,
         }
     }
 }
@@ -300,6 +316,12 @@ impl RouterConfig {
                         n.name
                     )));
                 }
+            }
+        }
+        self.lag_alert.validate("lag_alert")?;
+        for n in nodes {
+            if let Some(t) = &n.lag_alert {
+                t.validate(&format!("node {:?} lag_alert", n.name))?;
             }
         }
         let hour = Duration::from_secs(3600);

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use crate::alerts::LagAlerts;
 use crate::topology::Topology;
 use crate::{BackendError, Epoch, ProbeReport, Snapshot};
 
@@ -19,6 +20,8 @@ pub(crate) struct TopologyHandle {
     nudges: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
     epoch: Epoch,
+    /// Lag alert state per node; locked only while the topology lock is held.
+    alerts: Mutex<LagAlerts>,
 }
 
 impl TopologyHandle {
@@ -30,7 +33,14 @@ impl TopologyHandle {
             nudges: watch::channel(0).0,
             shutdown: watch::channel(false).0,
             epoch,
+            alerts: Mutex::new(LagAlerts::new([], [], Vec::new())),
         }
+    }
+
+    /// Sets the lag alert thresholds and handlers (before the monitor starts).
+    pub(crate) fn with_alerts(self, alerts: LagAlerts) -> Self {
+        *self.alerts.lock() = alerts;
+        self
     }
 
     /// The latest snapshot, lock-free.
@@ -54,11 +64,22 @@ impl TopologyHandle {
     pub(crate) fn record(&self, i: usize, outcome: Result<ProbeReport, &BackendError>) -> bool {
         let now = Instant::now();
         let mut topo = self.topology.lock();
+        let probed = outcome.is_ok();
         let changed = match outcome {
             Ok(report) => topo.apply_probe(i, report, now),
             Err(why) => topo.apply_error(i, why, now),
         };
         let snap = topo.snapshot();
+        // Only a probe answer measures lag; a failure leaves the alert as it was.
+        let alert = if probed {
+            let mut alerts = self.alerts.lock();
+            let node = &snap.nodes[i];
+            alerts
+                .observe(i, node.lag_bytes, node.lag)
+                .map(|a| (a, alerts.handlers().to_vec()))
+        } else {
+            None
+        };
         if let (Some(_), Some(timeline), Some(system_id)) =
             (snap.writer, snap.timeline, snap.system_id)
         {
@@ -67,6 +88,9 @@ impl TopologyHandle {
         self.snapshot.store(Arc::new(snap));
         drop(topo);
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        if let Some((alert, handlers)) = alert {
+            LagAlerts::emit(&handlers, &alert);
+        }
         changed
     }
 

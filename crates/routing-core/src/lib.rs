@@ -14,6 +14,7 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the request flow and invariants.
 
+mod alerts;
 mod backend;
 mod config;
 mod context;
@@ -32,6 +33,7 @@ mod throttle;
 mod token;
 mod topology;
 
+pub use alerts::{LagAlert, LagAlertHandler, LagAlertKind, LagAlertThresholds};
 pub use backend::{Access, Backend, Epoch, PoolSpec, parse_lsn, sql};
 pub use config::{
     BanPolicy, LagBounds, MarksFailure, NodeConfig, PoolSettings, RoleHint, RouterConfig,

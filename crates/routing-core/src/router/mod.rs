@@ -101,6 +101,7 @@ pub struct RouterBuilder<B: Backend> {
     codec: Option<TokenCodec>,
     picker: Box<dyn ReplicaPicker>,
     regions: RegionPolicy,
+    lag_alert_handlers: Vec<Arc<dyn crate::LagAlertHandler>>,
 }
 
 impl<B: Backend> std::fmt::Debug for RouterBuilder<B> {
@@ -158,6 +159,15 @@ impl<B: Backend> RouterBuilder<B> {
     /// Region fallback policy.
     pub fn regions(mut self, regions: RegionPolicy) -> Self {
         self.regions = regions;
+        self
+    }
+
+    /// Calls `handler` once when a replica's lag crosses above its alert thresholds
+    /// ([`RouterConfig::lag_alert`], [`NodeConfig::lag_alert`]) and once when it comes back
+    /// below their clear line; a `tracing` event is logged either way. May be called several
+    /// times: every handler gets every alert.
+    pub fn on_lag_alert(mut self, handler: impl crate::LagAlertHandler) -> Self {
+        self.lag_alert_handlers.push(Arc::new(handler));
         self
     }
 
@@ -219,7 +229,14 @@ impl<B: Backend> RouterBuilder<B> {
             probe_pools.push(pool(Access::Probe, probe_settings)?);
         }
         let topology = Topology::new(&self.nodes, self.config.lag, self.config.ban, epoch.clone());
-        let topo = Arc::new(TopologyHandle::new(topology, epoch));
+        let alerts = crate::alerts::LagAlerts::new(
+            nodes.iter().map(|n| n.name.clone()),
+            self.nodes
+                .iter()
+                .map(|n| n.lag_alert.unwrap_or(self.config.lag_alert)),
+            self.lag_alert_handlers,
+        );
+        let topo = Arc::new(TopologyHandle::new(topology, epoch).with_alerts(alerts));
         let probes = crate::monitor::Probes::<B> {
             pools: probe_pools,
             refusals,
@@ -275,6 +292,7 @@ impl<B: Backend> Router<B> {
             codec: None,
             picker: Box::new(crate::LeastOutstanding),
             regions: RegionPolicy::default(),
+            lag_alert_handlers: Vec::new(),
         }
     }
 
