@@ -354,15 +354,24 @@ impl RouterConfig {
         ranged("ban.base", self.ban.base, ms(1), hour)?;
         ranged("ban.max", self.ban.max, self.ban.base, 24 * hour)?;
         if self.pool.max_size == 0 || self.pool.max_size > 10_000 {
-            return bad("pool.max_size must be within 1..=10000");
+            return Err(Error::Config(format!(
+                "pool.max_size = {} is outside 1..=10000",
+                self.pool.max_size
+            )));
         }
         if !(self.lag.readmit_ratio > 0.0 && self.lag.readmit_ratio <= 1.0) {
-            return bad("lag.readmit_ratio must be within (0, 1]");
+            return Err(Error::Config(format!(
+                "lag.readmit_ratio = {} is outside (0, 1]",
+                self.lag.readmit_ratio
+            )));
         }
         if let Consistency::RecentWriterTtl { ttl } = self.default_consistency
             && ttl > self.mark_ttl
         {
-            return bad("RecentWriterTtl ttl must not exceed mark_ttl (marks would expire first)");
+            return Err(Error::Config(format!(
+                "RecentWriterTtl ttl = {ttl:?} exceeds mark_ttl = {:?} (marks would expire first)",
+                self.mark_ttl
+            )));
         }
         Ok(())
     }

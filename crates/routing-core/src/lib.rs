@@ -28,6 +28,7 @@ mod probe;
 mod refusal;
 mod router;
 mod secret;
+mod settings;
 mod stats;
 mod throttle;
 mod token;
@@ -46,6 +47,10 @@ pub use policy::{Candidate, LeastOutstanding, Random, RegionPolicy, ReplicaPicke
 pub use probe::{ProbeParseError, ProbeReport};
 pub use router::{ReadConn, Router, RouterBuilder, WriteConn, WriteReceipt};
 pub use secret::{ConnString, RedactedError, redact};
+pub use settings::{
+    BanSettings, ByteSize, LagAlertSettings, LagSettings, NodeSettings, PoolSettingsText,
+    RegionSettings, RouterParts, RouterSettings,
+};
 pub use stats::RouterStats;
 pub use token::{
     CausalToken, ClusterView, DuplicateKeyId, ForeignReason, MAX_TOKEN_TEXT, TokenCodec,
