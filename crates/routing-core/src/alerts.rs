@@ -255,6 +255,11 @@ impl LagAlerts {
         }
     }
 
+    /// Whether each node's alert is raised now.
+    pub(crate) fn raised(&self) -> Vec<bool> {
+        self.nodes.iter().map(|n| n.2).collect()
+    }
+
     pub(crate) fn handlers(&self) -> &[Arc<dyn LagAlertHandler>] {
         &self.handlers
     }

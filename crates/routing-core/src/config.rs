@@ -7,6 +7,11 @@ use crate::{ConnString, Consistency, Error, LagAlertThresholds, Region};
 /// What the operator expects a node to be. Roles are always verified by probing: a
 /// `Replica` that gets promoted becomes the writer, a `WriterCandidate` found in recovery serves reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
 #[non_exhaustive]
 pub enum RoleHint {
     /// Expected to be (or become) the primary; preferred among equal writers.

@@ -43,6 +43,11 @@ impl TopologyHandle {
         self
     }
 
+    /// Whether each node's lag alert is raised now.
+    pub(crate) fn lag_alerts_raised(&self) -> Vec<bool> {
+        self.alerts.lock().raised()
+    }
+
     /// The latest snapshot, lock-free.
     pub(crate) fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.snapshot.load()

@@ -45,7 +45,10 @@ pub use lsn::{Lsn, LsnParseError};
 pub use marks::{InMemoryMarks, Mark, MarksError, WriterMarks};
 pub use policy::{Candidate, LeastOutstanding, Random, RegionPolicy, ReplicaPicker, RoundRobin};
 pub use probe::{ProbeParseError, ProbeReport};
-pub use router::{ReadConn, Router, RouterBuilder, WriteConn, WriteReceipt};
+pub use router::{
+    BanState, MARKS_UNHEALTHY_FOR, MarksHealth, NodeState, PoolOccupancy, PoolState, ReadConn,
+    Router, RouterBuilder, RouterStatus, WriteConn, WriteReceipt,
+};
 pub use secret::{ConnString, RedactedError, redact};
 pub use settings::{
     BanSettings, ByteSize, LagAlertSettings, LagSettings, NodeSettings, PoolSettingsText,

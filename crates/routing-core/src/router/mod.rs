@@ -22,9 +22,13 @@ use crate::{
 mod plan;
 mod read;
 mod session;
+mod status;
 mod write;
 
 pub use read::ReadConn;
+pub use status::{
+    BanState, MARKS_UNHEALTHY_FOR, MarksHealth, NodeState, PoolOccupancy, PoolState, RouterStatus,
+};
 pub use write::{WriteConn, WriteReceipt};
 
 /// Routes writes to the primary and reads to replicas. Cheap to clone; every clone shares one
