@@ -22,6 +22,9 @@ pub(crate) struct TopologyHandle {
     epoch: Epoch,
     /// Lag alert state per node; locked only while the topology lock is held.
     alerts: Mutex<LagAlerts>,
+    /// The last writer elected, through gaps without one (for failover events); written only
+    /// while the topology lock is held.
+    last_writer: Mutex<Option<usize>>,
 }
 
 impl TopologyHandle {
@@ -34,6 +37,7 @@ impl TopologyHandle {
             shutdown: watch::channel(false).0,
             epoch,
             alerts: Mutex::new(LagAlerts::new([], [], Vec::new())),
+            last_writer: Mutex::new(None),
         }
     }
 
@@ -70,6 +74,7 @@ impl TopologyHandle {
         let now = Instant::now();
         let mut topo = self.topology.lock();
         let probed = outcome.is_ok();
+        let old = self.snapshot.load_full();
         let changed = match outcome {
             Ok(report) => topo.apply_probe(i, report, now),
             Err(why) => topo.apply_error(i, why, now),
@@ -85,15 +90,26 @@ impl TopologyHandle {
         } else {
             None
         };
+        let snap = Arc::new(snap);
+        let last_writer = {
+            let mut last = self.last_writer.lock();
+            let before = *last;
+            if snap.writer.is_some() {
+                *last = snap.writer;
+            }
+            before
+        };
         if let (Some(_), Some(timeline), Some(system_id)) =
             (snap.writer, snap.timeline, snap.system_id)
         {
             self.epoch.set_writer_identity(timeline, system_id);
         }
-        self.snapshot.store(Arc::new(snap));
+        self.snapshot.store(snap.clone());
         drop(topo);
+        crate::telemetry::topology(&old, &snap, i, probed, last_writer);
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
         if let Some((alert, handlers)) = alert {
+            crate::telemetry::lag_alert(&alert.node, alert.kind == crate::LagAlertKind::Raised);
             LagAlerts::emit(&handlers, &alert);
         }
         changed

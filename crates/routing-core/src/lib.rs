@@ -30,6 +30,7 @@ mod router;
 mod secret;
 mod settings;
 mod stats;
+pub mod telemetry;
 mod throttle;
 mod token;
 mod topology;

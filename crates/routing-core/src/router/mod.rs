@@ -233,6 +233,13 @@ impl<B: Backend> RouterBuilder<B> {
             probe_pools.push(pool(Access::Probe, probe_settings)?);
         }
         let topology = Topology::new(&self.nodes, self.config.lag, self.config.ban, epoch.clone());
+        crate::telemetry::register(
+            nodes
+                .iter()
+                .zip(&self.nodes)
+                .filter(|(_, n)| n.lag_alert.unwrap_or(self.config.lag_alert).enabled())
+                .map(|(rt, _)| rt.name.clone()),
+        );
         let alerts = crate::alerts::LagAlerts::new(
             nodes.iter().map(|n| n.name.clone()),
             self.nodes
@@ -264,6 +271,7 @@ impl<B: Backend> RouterBuilder<B> {
         });
         let mut changes = topo.subscribe_changes();
         crate::monitor::spawn(&topo, probes);
+        status::spawn_pool_gauges(&inner);
         let router = Router { inner };
         let deadline = tokio::time::Instant::now()
             + router.inner.config.probe_timeout
@@ -368,7 +376,7 @@ impl<B: Backend> Inner<B> {
     /// Applies what a request saw of node `i` to the topology.
     pub(super) fn record_failure(&self, i: usize, why: &BackendError) {
         if self.topo.record(i, Err(why)) {
-            tracing::info!(node = %self.nodes[i].name, "topology changed");
+            tracing::debug!(node = %self.nodes[i].name, "topology changed");
         }
     }
 

@@ -133,6 +133,33 @@ impl RouterStatus {
     }
 }
 
+/// Refreshes the pool gauges ([`crate::telemetry::POOL_CONNECTIONS`] and friends) until the
+/// router is gone or shut down.
+pub(super) fn spawn_pool_gauges<B: Backend>(inner: &std::sync::Arc<super::Inner<B>>) {
+    let weak = std::sync::Arc::downgrade(inner);
+    let mut shutdown = inner.topo.subscribe_shutdown();
+    let every = crate::telemetry::gauge_interval(inner.config.probe_interval);
+    tokio::spawn(async move {
+        loop {
+            {
+                let Some(inner) = weak.upgrade() else { return };
+                for rt in &inner.nodes {
+                    crate::telemetry::pools(
+                        &rt.name,
+                        rt.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                        B::pool_state(&rt.writer_pool),
+                        B::pool_state(&rt.reader_pool),
+                    );
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    });
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
