@@ -19,8 +19,9 @@ usage: cargo xtask <command>
 
 commands:
   test                      the project's full check, as CI runs it: prerequisites (PostgreSQL,
-                            redis-server), cargo-deny, rustfmt, clippy, cargo test --workspace,
-                            and a check that the tests left no server or cluster behind
+                            redis-server), cargo-deny, rustfmt, clippy, cargo doc (broken
+                            intra-doc links denied), cargo test --workspace, and a check that
+                            the tests left no server or cluster behind
   demo                      check prerequisites, then run the guided tour
                             (cargo run -p routing-examples --example tour)
   chaos [--json FILE] [--long]
@@ -100,6 +101,16 @@ fn test() -> Result<(), Fail> {
                     "-D",
                     "warnings",
                 ])
+                .current_dir(&root))
+        },
+    )?;
+
+    step(
+        "rustdoc: cargo doc --workspace --no-deps --all-features (broken intra-doc links denied)",
+        || {
+            run(cargo()
+                .args(["doc", "--workspace", "--no-deps", "--all-features"])
+                .env("RUSTDOCFLAGS", "-D rustdoc::broken_intra_doc_links")
                 .current_dir(&root))
         },
     )?;

@@ -123,6 +123,19 @@ pub struct NodeSettings {
 /// variables, then turn it into a builder ([`RouterSettings::builder`]) or into its parts
 /// ([`RouterSettings::parts`]).
 ///
+/// ```no_run
+/// # async fn run<B: routing_core::Backend>(backend: B) -> Result<(), routing_core::Error> {
+/// use routing_core::RouterSettings;
+///
+/// // `RouterSettings::load(Some(path))` (feature `toml`) reads a file first.
+/// let router = RouterSettings::from_env()?
+///     .builder(backend)?
+///     // What data cannot hold: .marks(...), .tokens(...), .on_lag_alert(...)
+///     .build()
+///     .await?;
+/// # Ok(()) }
+/// ```
+///
 /// # Precedence
 ///
 /// Environment variables over the file over the defaults: every setting left out of the file

@@ -170,6 +170,33 @@ impl<B: Backend> RouterBuilder<B> {
     /// ([`RouterConfig::lag_alert`], [`NodeConfig::lag_alert`]) and once when it comes back
     /// below their clear line; a `tracing` event is logged either way. May be called several
     /// times: every handler gets every alert.
+    ///
+    /// ```no_run
+    /// # async fn run<B: routing_core::Backend>(backend: B) -> Result<(), routing_core::Error> {
+    /// use std::time::Duration;
+    /// use routing_core::{LagAlert, LagAlertKind, LagAlertThresholds, NodeConfig, Router, RouterConfig};
+    ///
+    /// let router = Router::builder(backend)
+    ///     .node(NodeConfig::writer("pg-a", "postgres://app@db-a/shop"))
+    ///     .node(NodeConfig::replica("pg-b", "postgres://app@db-b/shop"))
+    ///     // A replica far away runs further behind: its own threshold.
+    ///     .node(
+    ///         NodeConfig::replica("pg-far", "postgres://app@db-far/shop")
+    ///             .lag_alert(LagAlertThresholds::bytes(64 << 20)),
+    ///     )
+    ///     .config(RouterConfig {
+    ///         // "Alert if a replica is more than 8 MB or 30 s behind"; clear below half.
+    ///         lag_alert: LagAlertThresholds::bytes(8 << 20).and_time(Duration::from_secs(30)),
+    ///         ..RouterConfig::default()
+    ///     })
+    ///     .on_lag_alert(|a: &LagAlert| match a.kind {
+    ///         LagAlertKind::Raised => eprintln!("{} is {:?} bytes behind", a.node, a.lag_bytes),
+    ///         _ => eprintln!("{} caught up", a.node),
+    ///     })
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn on_lag_alert(mut self, handler: impl crate::LagAlertHandler) -> Self {
         self.lag_alert_handlers.push(Arc::new(handler));
         self

@@ -168,6 +168,19 @@ impl<B: Backend> Router<B> {
     /// The router's state now: nodes, roles, generation, reachability, lag, bans with their
     /// expiry, lag alerts, marks store health and pool occupancy. With the `serde` feature it
     /// serializes to JSON for a health endpoint; no password appears in it.
+    ///
+    /// ```no_run
+    /// # fn run<B: routing_core::Backend>(router: routing_core::Router<B>) {
+    /// let status = router.status();
+    /// for node in &status.nodes {
+    ///     if let Some(ban) = node.ban {
+    ///         eprintln!("{} banned for {} ms more", node.name, ban.remaining_ms);
+    ///     }
+    /// }
+    /// // With the `serde` feature:
+    /// let json = serde_json::to_string(&status).unwrap();
+    /// # }
+    /// ```
     pub fn status(&self) -> RouterStatus {
         let inner = &self.inner;
         let snap = inner.topo.load_full();
