@@ -1,8 +1,10 @@
 //! Metrics through the [`metrics`] facade and the topology's `tracing` events.
 //!
 //! The library records; the application installs a recorder (an exporter such as
-//! `metrics-exporter-prometheus`): without one every call here is a no-op. Metric names are the
-//! constants below; labels never hold a connection string, only node names and fixed words.
+//! `metrics-exporter-prometheus`): without one every call here is a no-op. Install it before
+//! building the router: the request path's series are registered once, at build, so a request
+//! pays no label allocation or key lookup. Metric names are the constants below; labels never
+//! hold a connection string, only node names and fixed words.
 //!
 //! Tracing: every routed request runs in a `debug` span (`routing.read` with `mode`, `node`
 //! and `reason`; `routing.write` with `node`), so a healthy service logs nothing per request
@@ -11,9 +13,10 @@
 //! at `info`; marks-store failures are `warn` (at most one a second).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Histogram, SharedString, counter, gauge, histogram};
 
 use crate::{Access, BackendError, NodeRole, Snapshot};
 
@@ -82,55 +85,140 @@ fn kind_label(e: &BackendError) -> String {
     out
 }
 
+/// One node's request-path metrics, registered once when the router is built (so a request
+/// pays no label allocation or key lookup). A recorder installed after that sees none of them:
+/// install it first.
+pub(crate) struct NodeMetrics {
+    name: Arc<str>,
+    /// By reason: eventual, caught_up, waited, mode, fallback.
+    reads: [Counter; 5],
+    writes: Counter,
+    checkout_read: Histogram,
+    checkout_write: Histogram,
+    lsn_wait: Histogram,
+    /// By outcome: caught_up, timed_out, failed.
+    lsn_waits: [Counter; 3],
+}
+
+const READ_REASONS: [&str; 5] = ["eventual", "caught_up", "waited", "mode", "fallback"];
+const WAIT_OUTCOMES: [&str; 3] = ["caught_up", "timed_out", "failed"];
+
+impl NodeMetrics {
+    pub(crate) fn new(name: &Arc<str>) -> Self {
+        let node = || SharedString::from(name.clone());
+        NodeMetrics {
+            name: name.clone(),
+            reads: READ_REASONS.map(|r| counter!(READS, "node" => node(), "reason" => r)),
+            writes: counter!(WRITES, "node" => node()),
+            checkout_read: histogram!(CHECKOUT_SECONDS, "node" => node(), "access" => "read"),
+            checkout_write: histogram!(CHECKOUT_SECONDS, "node" => node(), "access" => "write"),
+            lsn_wait: histogram!(LSN_WAIT_SECONDS, "node" => node()),
+            lsn_waits: WAIT_OUTCOMES.map(|o| counter!(LSN_WAITS, "node" => node(), "outcome" => o)),
+        }
+    }
+}
+
+impl std::fmt::Debug for NodeMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeMetrics")
+            .field("node", &self.name)
+            .finish()
+    }
+}
+
+/// The router-wide request-path metrics, registered when the router is built.
+pub(crate) struct RouterMetrics {
+    fallbacks: Counter,
+    marks_get: Histogram,
+    marks_set: Histogram,
+    /// get/error, get/timeout, set/error, set/timeout.
+    marks_failures: [Counter; 4],
+}
+
+impl RouterMetrics {
+    pub(crate) fn new() -> Self {
+        RouterMetrics {
+            fallbacks: counter!(PRIMARY_FALLBACKS),
+            marks_get: histogram!(MARKS_SECONDS, "op" => "get"),
+            marks_set: histogram!(MARKS_SECONDS, "op" => "set"),
+            marks_failures: [
+                counter!(MARKS_FAILURES, "op" => "get", "kind" => "error"),
+                counter!(MARKS_FAILURES, "op" => "get", "kind" => "timeout"),
+                counter!(MARKS_FAILURES, "op" => "set", "kind" => "error"),
+                counter!(MARKS_FAILURES, "op" => "set", "kind" => "timeout"),
+            ],
+        }
+    }
+}
+
+impl std::fmt::Debug for RouterMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterMetrics").finish_non_exhaustive()
+    }
+}
+
+/// Which marks-store call: a lookup on a read, or an update after a commit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum MarksOp {
+    Get,
+    Set,
+}
+
 /// Records the request's mode on the current `routing.read` span.
 pub(crate) fn read_mode(mode: &crate::Consistency) {
     tracing::Span::current().record("mode", tracing::field::debug(mode));
 }
 
 /// A read handed out on a replica.
-pub(crate) fn read_on_replica(node: &str, waited: bool, needed_lsn: bool) {
+pub(crate) fn read_on_replica(m: &NodeMetrics, waited: bool, needed_lsn: bool) {
     let reason = match (waited, needed_lsn) {
-        (true, _) => "waited",
-        (false, true) => "caught_up",
-        (false, false) => "eventual",
+        (true, _) => 2,
+        (false, true) => 1,
+        (false, false) => 0,
     };
-    read(node, reason);
+    read(m, reason);
 }
 
 /// A read handed out on the primary.
-pub(crate) fn read_on_primary(node: &str, fallback: bool) {
+pub(crate) fn read_on_primary(m: &NodeMetrics, router: &RouterMetrics, fallback: bool) {
     if fallback {
-        counter!(PRIMARY_FALLBACKS).increment(1);
+        router.fallbacks.increment(1);
     }
-    read(node, if fallback { "fallback" } else { "mode" });
+    read(m, if fallback { 4 } else { 3 });
 }
 
-fn read(node: &str, reason: &'static str) {
+fn read(m: &NodeMetrics, reason: usize) {
     let span = tracing::Span::current();
-    span.record("node", node);
-    span.record("reason", reason);
-    counter!(READS, "node" => node.to_string(), "reason" => reason).increment(1);
+    if !span.is_disabled() {
+        span.record("node", &*m.name);
+        span.record("reason", READ_REASONS[reason]);
+    }
+    m.reads[reason].increment(1);
 }
 
 /// A write session handed out.
-pub(crate) fn write(node: &str) {
-    tracing::Span::current().record("node", node);
-    counter!(WRITES, "node" => node.to_string()).increment(1);
+pub(crate) fn write(m: &NodeMetrics) {
+    tracing::Span::current().record("node", &*m.name);
+    m.writes.increment(1);
 }
 
 /// Times a request-path checkout and counts its failures.
 pub(crate) async fn checkout<T>(
-    node: &str,
+    m: &NodeMetrics,
     access: Access,
     f: impl Future<Output = Result<T, BackendError>>,
 ) -> Result<T, BackendError> {
     let started = Instant::now();
     let out = f.await;
-    let access = access_label(access);
-    histogram!(CHECKOUT_SECONDS, "node" => node.to_string(), "access" => access)
-        .record(started.elapsed().as_secs_f64());
+    let elapsed = started.elapsed().as_secs_f64();
+    if access == Access::ReadWrite {
+        m.checkout_write.record(elapsed);
+    } else {
+        m.checkout_read.record(elapsed);
+    }
     if let Err(e) = &out {
-        counter!(CHECKOUT_FAILURES, "node" => node.to_string(), "access" => access, "kind" => kind_label(e))
+        let access = access_label(access);
+        counter!(CHECKOUT_FAILURES, "node" => SharedString::from(m.name.clone()), "access" => access, "kind" => kind_label(e))
             .increment(1);
     }
     out
@@ -139,37 +227,38 @@ pub(crate) async fn checkout<T>(
 /// Times a wait for a replica to replay an LSN (`Ok(Some)`: caught up, `Ok(None)`: budget
 /// spent).
 pub(crate) async fn lsn_wait<T>(
-    node: &str,
+    m: &NodeMetrics,
     f: impl Future<Output = Result<Option<T>, BackendError>>,
 ) -> Result<Option<T>, BackendError> {
     let started = Instant::now();
     let out = f.await;
     let outcome = match &out {
-        Ok(Some(_)) => "caught_up",
-        Ok(None) => "timed_out",
-        Err(_) => "failed",
+        Ok(Some(_)) => 0,
+        Ok(None) => 1,
+        Err(_) => 2,
     };
-    histogram!(LSN_WAIT_SECONDS, "node" => node.to_string())
-        .record(started.elapsed().as_secs_f64());
-    counter!(LSN_WAITS, "node" => node.to_string(), "outcome" => outcome).increment(1);
+    m.lsn_wait.record(started.elapsed().as_secs_f64());
+    m.lsn_waits[outcome].increment(1);
     out
 }
 
 /// Times a marks-store call bounded by a timeout, and counts its failures.
 pub(crate) async fn marks<T, E>(
-    op: &'static str,
+    router: &RouterMetrics,
+    op: MarksOp,
     f: impl Future<Output = Result<Result<T, E>, tokio::time::error::Elapsed>>,
 ) -> Result<Result<T, E>, tokio::time::error::Elapsed> {
     let started = Instant::now();
     let out = f.await;
-    histogram!(MARKS_SECONDS, "op" => op).record(started.elapsed().as_secs_f64());
-    let kind = match &out {
-        Ok(Ok(_)) => None,
-        Ok(Err(_)) => Some("error"),
-        Err(_) => Some("timeout"),
+    let (latency, failures) = match op {
+        MarksOp::Get => (&router.marks_get, &router.marks_failures[0..2]),
+        MarksOp::Set => (&router.marks_set, &router.marks_failures[2..4]),
     };
-    if let Some(kind) = kind {
-        counter!(MARKS_FAILURES, "op" => op, "kind" => kind).increment(1);
+    latency.record(started.elapsed().as_secs_f64());
+    match &out {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => failures[0].increment(1),
+        Err(_) => failures[1].increment(1),
     }
     out
 }
@@ -270,8 +359,9 @@ pub(crate) fn topology(
 }
 
 /// Describes every metric to the installed recorder (Prometheus `# HELP` lines) and registers
-/// the counters that may stay at zero for a long time, so a dashboard sees them from the
-/// start: called when a router is built.
+/// the series that may stay at zero for a long time, so a dashboard sees them from the start:
+/// called when a router is built (the request path's own series are registered with it, in
+/// [`NodeMetrics`] and [`RouterMetrics`]).
 pub(crate) fn register(alerting: impl IntoIterator<Item = std::sync::Arc<str>>) {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(READS, "Read sessions handed out, by node and reason");
@@ -324,7 +414,6 @@ pub(crate) fn register(alerting: impl IntoIterator<Item = std::sync::Arc<str>>) 
     describe_gauge!(GENERATION, "The topology generation");
     describe_counter!(FAILOVERS, "Times the writer became another node");
     counter!(FAILOVERS).increment(0);
-    counter!(PRIMARY_FALLBACKS).increment(0);
     for node in alerting {
         lag_alert(&node, false);
     }

@@ -74,6 +74,8 @@ pub(crate) struct NodeRuntime<B: Backend> {
     pub(super) refusal: Arc<RefusalCheck>,
     /// Read sessions log in as a role that may only read ([`NodeConfig::reader_url`]).
     pub(crate) read_only_role: bool,
+    /// Its request-path metrics, registered at build.
+    pub(crate) metrics: crate::telemetry::NodeMetrics,
 }
 
 pub(crate) struct Inner<B: Backend> {
@@ -88,6 +90,7 @@ pub(crate) struct Inner<B: Backend> {
     pub(crate) counters: Counters,
     pub(super) marks_warnings: crate::throttle::WarnThrottle,
     pub(super) max_commit_lsn: AtomicU64,
+    pub(crate) metrics: crate::telemetry::RouterMetrics,
 }
 
 impl<B: Backend> Drop for Inner<B> {
@@ -255,6 +258,7 @@ impl<B: Backend> RouterBuilder<B> {
                 in_flight: AtomicUsize::new(0),
                 refusal: refusal.clone(),
                 read_only_role: n.reader_url.is_some(),
+                metrics: crate::telemetry::NodeMetrics::new(&Arc::from(n.name.as_str())),
             });
             refusals.push(refusal);
             probe_pools.push(pool(Access::Probe, probe_settings)?);
@@ -295,6 +299,7 @@ impl<B: Backend> RouterBuilder<B> {
             counters: Counters::default(),
             marks_warnings: crate::throttle::WarnThrottle::new(),
             max_commit_lsn: AtomicU64::new(0),
+            metrics: crate::telemetry::RouterMetrics::new(),
         });
         let mut changes = topo.subscribe_changes();
         crate::monitor::spawn(&topo, probes);

@@ -139,7 +139,7 @@ impl<B: Backend> Router<B> {
 impl<B: Backend> Inner<B> {
     async fn lookup_mark(&self, user: &UserKey) -> Result<Option<crate::Mark>, ()> {
         let lookup = tokio::time::timeout(self.config.marks_timeout, self.marks.get(user));
-        match crate::telemetry::marks("get", lookup).await {
+        match crate::telemetry::marks(&self.metrics, crate::telemetry::MarksOp::Get, lookup).await {
             Ok(Ok(m)) => Ok(m),
             Ok(Err(e)) => {
                 bump(&self.counters.marks_errors);
@@ -211,7 +211,7 @@ impl<B: Backend> Inner<B> {
         if fallback {
             bump(&self.counters.reads_primary_fallback);
         }
-        crate::telemetry::read_on_primary(&self.nodes[node].name, fallback);
+        crate::telemetry::read_on_primary(&self.nodes[node].metrics, &self.metrics, fallback);
         Ok(ReadConn::new(self.clone(), node, pooled, true))
     }
 
@@ -249,7 +249,7 @@ impl<B: Backend> Inner<B> {
             let node = &self.nodes[choice];
             let checkout = node.refusal.checkout(B::checkout(&node.reader_pool));
             let mut pooled =
-                match crate::telemetry::checkout(&node.name, Access::ReadOnly, checkout).await {
+                match crate::telemetry::checkout(&node.metrics, Access::ReadOnly, checkout).await {
                     Ok(p) => p,
                     Err(e) => {
                         // A busy pool is not banned (`report_failure` ignores it): the replica stays
@@ -262,7 +262,7 @@ impl<B: Backend> Inner<B> {
             if let (true, Some(lsn)) = (must_wait, lsn) {
                 bump(&self.counters.lsn_waits);
                 let wait = self.wait_for_replay(choice, pooled, lsn);
-                match crate::telemetry::lsn_wait(&node.name, wait).await {
+                match crate::telemetry::lsn_wait(&node.metrics, wait).await {
                     Ok(Some(caught_up)) => pooled = caught_up,
                     Ok(None) => {
                         bump(&self.counters.lsn_wait_timeouts);
@@ -276,7 +276,7 @@ impl<B: Backend> Inner<B> {
                 }
             }
             bump(&self.counters.reads_replica);
-            crate::telemetry::read_on_replica(&node.name, must_wait, lsn.is_some());
+            crate::telemetry::read_on_replica(&node.metrics, must_wait, lsn.is_some());
             return Ok(ReadConn::new(self.clone(), choice, pooled, false));
         }
         self.read_on_primary(true).await

@@ -26,7 +26,7 @@ impl<B: Backend> Router<B> {
     pub async fn write_with(&self, ctx: &RequestContext) -> Result<WriteConn<B>, Error> {
         let (node, pooled) = self.inner.acquire_on_writer(Access::ReadWrite).await?;
         bump(&self.inner.counters.writes);
-        crate::telemetry::write(&self.inner.nodes[node].name);
+        crate::telemetry::write(&self.inner.nodes[node].metrics);
         Ok(WriteConn {
             session: Session::new(self.inner.clone(), node, Access::ReadWrite, pooled),
             user: ctx.user.clone(),
@@ -71,7 +71,7 @@ impl<B: Backend> Inner<B> {
                 changes.borrow_and_update();
                 let generation = self.topo.epoch().generation();
                 let checkout = crate::telemetry::checkout(
-                    &node.name,
+                    &node.metrics,
                     access,
                     node.refusal.checkout(B::checkout(pool)),
                 );
@@ -366,7 +366,8 @@ impl<B: Backend> Inner<B> {
     /// Raises the user's mark to `lsn` within `marks_timeout`; true when the store took it.
     pub(crate) async fn raise_mark(&self, user: &UserKey, lsn: Lsn) -> bool {
         let update = crate::telemetry::marks(
-            "set",
+            &self.metrics,
+            crate::telemetry::MarksOp::Set,
             tokio::time::timeout(
                 self.config.marks_timeout,
                 self.marks.set_max(user, lsn, self.config.mark_ttl),
