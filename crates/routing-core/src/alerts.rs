@@ -18,7 +18,9 @@ use std::time::Duration;
 ///
 /// These thresholds are independent of [`crate::LagBounds`], which take a replica out of the
 /// read rotation: alerting at a lower lag than exclusion warns before reads move to the primary.
-/// With neither threshold set (the default), no alert is ever raised.
+/// With neither threshold set (the default), no alert is ever raised. Only probe answers are
+/// judged: a node that stops answering keeps its alert state until it answers again (its bans
+/// are reported separately), and a replica promoted to primary has no lag, so its alert clears.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LagAlertThresholds {
     /// Alert when more than this many bytes of WAL behind the primary (the cheat sheet's

@@ -529,3 +529,52 @@ fn env_value_out_of_range_after_parsing() {
         format!("{PREFIX}ban.base = 7200s is outside 1ms..=3600s")
     );
 }
+
+/// `with_env` reads the real process environment: this test runs itself again as a child
+/// process with `ROUTING_*` variables set (setting them in this process would race other
+/// tests), and the child checks what it read.
+#[test]
+fn the_process_environment_is_read() {
+    const CHILD: &str = "SETTINGS_TEST_ENV_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let file = RouterSettings::from_toml_str(&format!(
+            "probe_interval = \"100ms\"\nwait_budget = \"20ms\"\n{}",
+            fake_nodes_toml()
+        ))
+        .unwrap();
+        let parts = file
+            .with_env()
+            .expect("env applies")
+            .parts()
+            .expect("valid");
+        assert_eq!(parts.config.probe_interval, Duration::from_millis(42));
+        assert_eq!(parts.config.wait_budget, Duration::from_millis(20));
+        assert_eq!(
+            parts.nodes[0].url.expose(),
+            "postgres://app:from-env@db-0/shop"
+        );
+        let only_env = RouterSettings::from_env().unwrap().parts().unwrap();
+        assert_eq!(only_env.nodes.len(), 1, "n0, from the environment alone");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "the_process_environment_is_read",
+            "--exact",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .env("ROUTING_PROBE_INTERVAL", "42ms")
+        .env(
+            "ROUTING_NODES__N0__URL",
+            "postgres://app:from-env@db-0/shop",
+        )
+        .output()
+        .expect("child runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
