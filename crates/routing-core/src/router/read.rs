@@ -248,17 +248,17 @@ impl<B: Backend> Inner<B> {
             let must_wait = current.wait;
             let node = &self.nodes[choice];
             let checkout = node.refusal.checkout(B::checkout(&node.reader_pool));
-            let mut pooled =
-                match crate::telemetry::checkout(&node.metrics, Access::ReadOnly, checkout).await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        // A busy pool is not banned (`report_failure` ignores it): the replica stays
-                        // eligible; this read tries another node.
-                        self.report_failure(choice, &e);
-                        excluded.push(choice);
-                        continue;
-                    }
-                };
+            let checkout = crate::telemetry::checkout(&node.metrics, Access::ReadOnly, checkout);
+            let mut pooled = match checkout.await {
+                Ok(p) => p,
+                Err(e) => {
+                    // A busy pool is not banned (`report_failure` ignores it): the replica stays
+                    // eligible; this read tries another node.
+                    self.report_failure(choice, &e);
+                    excluded.push(choice);
+                    continue;
+                }
+            };
             if let (true, Some(lsn)) = (must_wait, lsn) {
                 bump(&self.counters.lsn_waits);
                 let wait = self.wait_for_replay(choice, pooled, lsn);
