@@ -16,6 +16,13 @@ async fn status_reports_bb8_pool_occupancy() {
         .build()
         .await
         .expect("router");
+    // Under load the first probe round may time out: give the monitor a few seconds.
+    for _ in 0..100 {
+        if r.status().writer.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let writer = r.status().writer.expect("a writer");
     let held = r.write().await.expect("write");
     let s = r.status();

@@ -83,8 +83,8 @@ async fn a_sentinel_password_appears_nowhere() {
     let toml = format!(
         r#"
 probe_interval = "50ms"
-probe_timeout = "500ms"
-write_deadline = "1s"
+probe_timeout = "2s"
+write_deadline = "10s"
 wait_budget = "200ms"
 
 [lag_alert]
@@ -156,6 +156,13 @@ url = "postgres://sentinel_user:{SENTINEL}@127.0.0.1:1/postgres"
     shown.add("builder Debug", format!("{builder:?}"));
     let router: Router = builder.build().await.expect("router");
     shown.add("router Debug", format!("{router:?}"));
+    // SCRAM logins are slow on a loaded machine: let the monitor find the writer first.
+    for _ in 0..200 {
+        if router.status().writer.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Real work: writes, reads of every mode, and failures.
     let user = RequestContext::new().user("u");

@@ -11,12 +11,19 @@ async fn status_reports_sqlx_pool_occupancy() {
         .nodes(c.node_configs())
         .config(RouterConfig {
             probe_interval: Duration::from_millis(50),
-            probe_timeout: Duration::from_millis(500),
+            probe_timeout: Duration::from_secs(2),
             ..RouterConfig::default()
         })
         .build()
         .await
         .expect("router");
+    // Under load the first probe round may time out: give the monitor a few seconds.
+    for _ in 0..100 {
+        if r.status().writer.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let writer = r.status().writer.expect("a writer");
     let held = r.write().await.expect("write");
     let s = r.status();
