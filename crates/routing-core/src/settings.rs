@@ -171,9 +171,12 @@ pub struct NodeSettings {
 ///
 /// A node is matched by name case-insensitively with `-`, `.` and `_` taken as equal; a name
 /// no node has adds a node (named in lower case), which then needs at least a `URL`. A
-/// `ROUTING_*` variable that names no setting is an error, so a typo does not go unnoticed;
-/// variables of the workspace's own tools (`ROUTING_TESTKIT_*`, `ROUTING_ADVISORY_DB`) are
-/// skipped.
+/// variable inside one of the router's sections (`ROUTING_NODES__*`, `ROUTING_LAG__*`,
+/// `ROUTING_LAG_ALERT__*`, `ROUTING_POOL__*`, `ROUTING_BAN__*`, `ROUTING_REGIONS__*`) that names
+/// no setting is an error, so a typo there does not go unnoticed. Any other `ROUTING_*` variable
+/// that names no setting may belong to the application (for example a token key) and is
+/// ignored with a `warn` event naming it (a misspelt top-level setting shows there); those of
+/// the workspace's own tools (`ROUTING_TESTKIT_*`, `ROUTING_ADVISORY_DB`) are skipped silently.
 ///
 /// # Errors
 ///
@@ -280,6 +283,9 @@ pub(crate) fn parse_bytes(text: &str) -> Result<u64, &'static str> {
     };
     n.checked_mul(scale).ok_or(HINT)
 }
+
+/// The router's sections: an unknown variable inside one is an error, not an application's.
+const SECTIONS: [&str; 6] = ["nodes", "lag", "lag_alert", "pool", "ban", "regions"];
 
 /// Lower case, with `-`, `.` and `_` taken as equal: how environment names match node names.
 fn env_key(name: &str) -> String {
@@ -463,6 +469,10 @@ impl RouterSettings {
                 }
                 let origin = format!("nodes[{i}].{}", field.join("."));
                 self.origins.insert(origin, var.to_string());
+                return Ok(());
+            }
+            [section, ..] if !SECTIONS.contains(section) => {
+                tracing::warn!(variable = var, "not a router setting: ignored");
                 return Ok(());
             }
             _ => return Err(unknown()),

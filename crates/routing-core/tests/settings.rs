@@ -497,15 +497,31 @@ fn invalid_env_bool() {
 }
 
 #[test]
-fn unknown_env_variable() {
-    assert_eq!(
-        env_error(&[("ROUTING_PROBE_INTERVALL", "1s")]),
-        format!("{PREFIX}ROUTING_PROBE_INTERVALL: no such setting")
-    );
+fn unknown_env_variable_in_a_router_section() {
     assert_eq!(
         env_error(&[("ROUTING_NODES__N1__PASSWORD", SENTINEL)]),
         format!("{PREFIX}ROUTING_NODES__N1__PASSWORD: no such setting")
     );
+    assert_eq!(
+        env_error(&[("ROUTING_POOL__MAX_SIZ", "4")]),
+        format!("{PREFIX}ROUTING_POOL__MAX_SIZ: no such setting")
+    );
+}
+
+/// Outside the router's sections a `ROUTING_*` variable may be the application's (the web
+/// examples read `ROUTING_TOKEN_KEY`): ignored, not an error.
+#[test]
+fn other_routing_variables_are_ignored() {
+    let base = RouterSettings::from_toml_str(&fake_nodes_toml()).unwrap();
+    let with = base
+        .clone()
+        .with_vars(vars(&[
+            ("ROUTING_TOKEN_KEY", SENTINEL),
+            ("ROUTING_PROBE_INTERVALL", "1s"),
+            ("ROUTING_TESTKIT_DIR", "/tmp/x"),
+        ]))
+        .expect("not errors");
+    assert_eq!(with, base, "nothing applied");
 }
 
 #[test]
