@@ -34,10 +34,15 @@ use routing_examples::web_service::{self, BoxError, SERVED_BY, TOKEN_COOKIE, USE
 use serde::{Deserialize, Serialize};
 
 diesel::table! {
+    /// The users table of `web_service::SCHEMA`.
     users (id) {
+        /// Its id.
         id -> Int8,
+        /// Display name.
         name -> Text,
+        /// Log-in e-mail, unique.
         email -> Text,
+        /// Account balance.
         balance -> Int8,
     }
 }

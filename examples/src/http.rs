@@ -9,8 +9,11 @@ use tokio::net::TcpSocket;
 /// A response: status, headers (names lowercase) and body.
 #[derive(Debug, Clone)]
 pub struct Reply {
+    /// The status code.
     pub status: u16,
+    /// Header names (lowercase) and values, in order.
     pub headers: Vec<(String, String)>,
+    /// The body, decoded from chunks if need be.
     pub body: String,
 }
 

@@ -8,4 +8,5 @@ pub mod failover;
 pub mod http;
 pub mod offload;
 pub mod peer;
+pub mod prometheus;
 pub mod web_service;

@@ -51,17 +51,24 @@ pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS users (
 /// A user and the balance of their account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct User {
+    /// Its id, from the database.
     pub id: i64,
+    /// Display name.
     pub name: String,
+    /// Log-in e-mail, unique.
     pub email: String,
+    /// Account balance.
     pub balance: i64,
 }
 
 /// The body of `POST /users`.
 #[derive(Debug, Deserialize)]
 pub struct NewUser {
+    /// Display name.
     pub name: String,
+    /// Log-in e-mail; a taken one is a 422.
     pub email: String,
+    /// Opening balance (default 0).
     #[serde(default)]
     pub balance: i64,
 }
@@ -69,8 +76,11 @@ pub struct NewUser {
 /// The body of `POST /transfers`.
 #[derive(Debug, Deserialize)]
 pub struct Transfer {
+    /// The paying user's id.
     pub from: i64,
+    /// The receiving user's id.
     pub to: i64,
+    /// A positive amount.
     pub amount: i64,
 }
 
@@ -310,6 +320,7 @@ pub async fn serve(
 
 /// A router and where to serve it, from [`router_from_env`].
 pub struct Setup<B: Backend> {
+    /// The router, over the configured or local nodes.
     pub router: pg_routing::Router<B>,
     /// `ROUTING_LISTEN`, default `127.0.0.1:3000`.
     pub listen: SocketAddr,

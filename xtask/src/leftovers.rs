@@ -273,7 +273,7 @@ fn server(pid: u32, bases: &[PathBuf]) -> Option<Server> {
     })
 }
 
-/// Field 22 of /proc/<pid>/stat (clock ticks since boot), read after the `(comm)` field.
+/// Field 22 of `/proc/<pid>/stat` (clock ticks since boot), read after the `(comm)` field.
 fn start_time(dir: &Path) -> Option<u64> {
     let stat = fs::read_to_string(dir.join("stat")).ok()?;
     let after_comm = &stat[stat.rfind(')')? + 1..];

@@ -20,8 +20,9 @@ usage: cargo xtask <command>
 
 commands:
   test                      the project's full check, as CI runs it: prerequisites (PostgreSQL,
-                            redis-server), cargo-deny, rustfmt, clippy, cargo test --workspace,
-                            and a check that the tests left no server or cluster behind
+                            redis-server), cargo-deny, rustfmt, clippy, cargo doc (broken
+                            intra-doc links denied), cargo test --workspace, and a check that
+                            the tests left no server or cluster behind
   demo                      check prerequisites, then run the guided tour
                             (cargo run -p routing-examples --example tour)
   chaos [--json FILE] [--long]
@@ -108,6 +109,15 @@ fn test() -> Result<(), Fail> {
     step(
         "features: pg-routing builds with each feature alone and pulls in nothing else",
         || features::check(&root),
+    )?;
+    step(
+        "rustdoc: cargo doc --workspace --no-deps --all-features (broken intra-doc links denied)",
+        || {
+            run(cargo()
+                .args(["doc", "--workspace", "--no-deps", "--all-features"])
+                .env("RUSTDOCFLAGS", "-D rustdoc::broken_intra_doc_links")
+                .current_dir(&root))
+        },
     )?;
 
     // The leftover check looks only at what this run created: other processes on a shared

@@ -30,7 +30,7 @@ const PREREQS: [Prereq; 2] = [
     },
 ];
 
-/// Debian keeps the server binaries off PATH, under /usr/lib/postgresql/<major>/bin.
+/// Debian keeps the server binaries off PATH, under `/usr/lib/postgresql/<major>/bin`.
 fn find_initdb() -> Option<PathBuf> {
     let mut versioned: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()

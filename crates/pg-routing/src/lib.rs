@@ -22,7 +22,7 @@
 
 pub use routing_core::*;
 
-/// The sqlx backend: a [`Router`](crate::Router) over sqlx `PgPool`s.
+/// The sqlx backend: a [`Router`] over sqlx `PgPool`s.
 #[cfg(feature = "sqlx")]
 pub mod sqlx {
     pub use routing_sqlx::{DbError, NodePool, SqlxBackend, backend_error, classify, sqlstate};
@@ -56,7 +56,7 @@ pub mod sqlx {
     pub use routing_axum::{RegionHeader, TOKEN_HEADER, WebError, error_response, force_primary};
 }
 
-/// The diesel-async + bb8 backend: a [`Router`](crate::Router) over `AsyncPgConnection` pools.
+/// The diesel-async + bb8 backend: a [`Router`] over `AsyncPgConnection` pools.
 #[cfg(feature = "diesel")]
 pub mod diesel {
     pub use routing_diesel::{

@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench -p routing-core --bench routing`
 
+// `criterion_group!` defines an undocumented public function.
+#![allow(missing_docs)]
+
 #[path = "../tests/fake/mod.rs"]
 mod fake;
 

@@ -352,6 +352,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Classifies a driver error from application queries.
     fn classify(err: &Self::QueryError) -> ErrorKind;
 
+    /// How full `pool` is, for [`crate::Router::status`] and metrics. `None` (the default):
+    /// the adapter does not say.
+    fn pool_state(pool: &Self::Pool) -> Option<crate::PoolState> {
+        let _ = pool;
+        None
+    }
+
     /// The SQLSTATE of a driver error from application queries, when the driver kept it; the
     /// guards' `check` puts it in [`BackendError::sqlstate`] (so callers can tell, say, a unique
     /// violation `23505` from other query errors without knowing the driver).

@@ -2,11 +2,16 @@
 
 use std::time::Duration;
 
-use crate::{ConnString, Consistency, Error, Region};
+use crate::{ConnString, Consistency, Error, LagAlertThresholds, Region};
 
 /// What the operator expects a node to be. Roles are always verified by probing: a
 /// `Replica` that gets promoted becomes the writer, a `WriterCandidate` found in recovery serves reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
 #[non_exhaustive]
 pub enum RoleHint {
     /// Expected to be (or become) the primary; preferred among equal writers.
@@ -43,6 +48,9 @@ pub struct NodeConfig {
     /// role than `url`'s: a least-privilege monitoring role (see [`NodeConfig::monitor_url`]
     /// for the grants). `None`: probes use `url`.
     pub monitor_url: Option<ConnString>,
+    /// Lag alert thresholds for this node, replacing [`RouterConfig::lag_alert`] (for example
+    /// a replica in a far region that is expected to run further behind). `None`: the router's.
+    pub lag_alert: Option<LagAlertThresholds>,
 }
 
 impl NodeConfig {
@@ -66,7 +74,15 @@ impl NodeConfig {
             reader_url: None,
             load_balanced: false,
             monitor_url: None,
+            lag_alert: None,
         }
+    }
+
+    /// Overrides the router's lag alert thresholds for this node (see
+    /// [`NodeConfig::lag_alert`]); [`LagAlertThresholds::DISABLED`] silences it.
+    pub fn lag_alert(mut self, thresholds: LagAlertThresholds) -> Self {
+        self.lag_alert = Some(thresholds);
+        self
     }
 
     /// Sets the region.
@@ -251,6 +267,10 @@ pub struct RouterConfig {
     /// (two probe intervals' worth, see [`crate::TokenPolicy`]). Never applied while the
     /// primary's position is unknown.
     pub future_lsn_tolerance: u64,
+    /// When a replica's lag raises an alert (an event and a call to every
+    /// [`crate::LagAlertHandler`]); nodes may override it ([`NodeConfig::lag_alert`]).
+    /// Default: disabled.
+    pub lag_alert: LagAlertThresholds,
 }
 
 impl Default for RouterConfig {
@@ -268,6 +288,7 @@ impl Default for RouterConfig {
             on_marks_failure: MarksFailure::Primary,
             pool: PoolSettings::default(),
             future_lsn_tolerance: 16 * 1024 * 1024,
+            lag_alert: LagAlertThresholds::DISABLED,
         }
     }
 }
@@ -302,6 +323,12 @@ impl RouterConfig {
                 }
             }
         }
+        self.lag_alert.validate("lag_alert")?;
+        for n in nodes {
+            if let Some(t) = &n.lag_alert {
+                t.validate(&format!("node {:?} lag_alert", n.name))?;
+            }
+        }
         let hour = Duration::from_secs(3600);
         let ranged = |name: &str, d: Duration, min: Duration, max: Duration| -> Result<(), Error> {
             if d < min || d > max {
@@ -332,15 +359,24 @@ impl RouterConfig {
         ranged("ban.base", self.ban.base, ms(1), hour)?;
         ranged("ban.max", self.ban.max, self.ban.base, 24 * hour)?;
         if self.pool.max_size == 0 || self.pool.max_size > 10_000 {
-            return bad("pool.max_size must be within 1..=10000");
+            return Err(Error::Config(format!(
+                "pool.max_size = {} is outside 1..=10000",
+                self.pool.max_size
+            )));
         }
         if !(self.lag.readmit_ratio > 0.0 && self.lag.readmit_ratio <= 1.0) {
-            return bad("lag.readmit_ratio must be within (0, 1]");
+            return Err(Error::Config(format!(
+                "lag.readmit_ratio = {} is outside (0, 1]",
+                self.lag.readmit_ratio
+            )));
         }
         if let Consistency::RecentWriterTtl { ttl } = self.default_consistency
             && ttl > self.mark_ttl
         {
-            return bad("RecentWriterTtl ttl must not exceed mark_ttl (marks would expire first)");
+            return Err(Error::Config(format!(
+                "RecentWriterTtl ttl = {ttl:?} exceeds mark_ttl = {:?} (marks would expire first)",
+                self.mark_ttl
+            )));
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use crate::alerts::LagAlerts;
 use crate::topology::Topology;
 use crate::{BackendError, Epoch, ProbeReport, Snapshot};
 
@@ -19,6 +20,11 @@ pub(crate) struct TopologyHandle {
     nudges: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
     epoch: Epoch,
+    /// Lag alert state per node; locked only while the topology lock is held.
+    alerts: Mutex<LagAlerts>,
+    /// The last writer elected, through gaps without one (for failover events); written only
+    /// while the topology lock is held.
+    last_writer: Mutex<Option<usize>>,
 }
 
 impl TopologyHandle {
@@ -30,7 +36,20 @@ impl TopologyHandle {
             nudges: watch::channel(0).0,
             shutdown: watch::channel(false).0,
             epoch,
+            alerts: Mutex::new(LagAlerts::new([], [], Vec::new())),
+            last_writer: Mutex::new(None),
         }
+    }
+
+    /// Sets the lag alert thresholds and handlers (before the monitor starts).
+    pub(crate) fn with_alerts(self, alerts: LagAlerts) -> Self {
+        *self.alerts.lock() = alerts;
+        self
+    }
+
+    /// Whether each node's lag alert is raised now.
+    pub(crate) fn lag_alerts_raised(&self) -> Vec<bool> {
+        self.alerts.lock().raised()
     }
 
     /// The latest snapshot, lock-free.
@@ -54,19 +73,45 @@ impl TopologyHandle {
     pub(crate) fn record(&self, i: usize, outcome: Result<ProbeReport, &BackendError>) -> bool {
         let now = Instant::now();
         let mut topo = self.topology.lock();
+        let probed = outcome.is_ok();
+        let old = self.snapshot.load_full();
         let changed = match outcome {
             Ok(report) => topo.apply_probe(i, report, now),
             Err(why) => topo.apply_error(i, why, now),
         };
         let snap = topo.snapshot();
+        // Only a probe answer measures lag; a failure leaves the alert as it was.
+        let alert = if probed {
+            let mut alerts = self.alerts.lock();
+            let node = &snap.nodes[i];
+            alerts
+                .observe(i, node.lag_bytes, node.lag)
+                .map(|a| (a, alerts.handlers().to_vec()))
+        } else {
+            None
+        };
+        let snap = Arc::new(snap);
+        let last_writer = {
+            let mut last = self.last_writer.lock();
+            let before = *last;
+            if snap.writer.is_some() {
+                *last = snap.writer;
+            }
+            before
+        };
         if let (Some(_), Some(timeline), Some(system_id)) =
             (snap.writer, snap.timeline, snap.system_id)
         {
             self.epoch.set_writer_identity(timeline, system_id);
         }
-        self.snapshot.store(Arc::new(snap));
+        self.snapshot.store(snap.clone());
         drop(topo);
+        crate::telemetry::topology(&old, &snap, i, probed, last_writer);
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        if let Some((alert, handlers)) = alert {
+            crate::telemetry::lag_alert(&alert.node, alert.kind == crate::LagAlertKind::Raised);
+            LagAlerts::emit(&handlers, &alert);
+        }
         changed
     }
 

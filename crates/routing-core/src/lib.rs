@@ -14,6 +14,7 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the request flow and invariants.
 
+mod alerts;
 mod backend;
 mod config;
 mod context;
@@ -27,11 +28,14 @@ mod probe;
 mod refusal;
 mod router;
 mod secret;
+mod settings;
 mod stats;
+pub mod telemetry;
 mod throttle;
 mod token;
 mod topology;
 
+pub use alerts::{LagAlert, LagAlertHandler, LagAlertKind, LagAlertThresholds};
 pub use backend::{Access, Backend, Epoch, PoolSpec, parse_lsn, sql};
 pub use config::{
     BanPolicy, LagBounds, MarksFailure, NodeConfig, PoolSettings, RoleHint, RouterConfig,
@@ -42,8 +46,15 @@ pub use lsn::{Lsn, LsnParseError};
 pub use marks::{InMemoryMarks, Mark, MarksError, WriterMarks};
 pub use policy::{Candidate, LeastOutstanding, Random, RegionPolicy, ReplicaPicker, RoundRobin};
 pub use probe::{ProbeParseError, ProbeReport};
-pub use router::{ReadConn, Router, RouterBuilder, WriteConn, WriteReceipt};
+pub use router::{
+    BanState, MARKS_UNHEALTHY_FOR, MarksHealth, NodeState, PoolOccupancy, PoolState, ReadConn,
+    Router, RouterBuilder, RouterStatus, WriteConn, WriteReceipt,
+};
 pub use secret::{ConnString, RedactedError, redact};
+pub use settings::{
+    BanSettings, ByteSize, LagAlertSettings, LagSettings, NodeSettings, PoolSettingsText,
+    RegionSettings, RouterParts, RouterSettings,
+};
 pub use stats::RouterStats;
 pub use token::{
     CausalToken, ClusterView, DuplicateKeyId, ForeignReason, MAX_TOKEN_TEXT, TokenCodec,

@@ -48,7 +48,7 @@ async fn run_node<B: Backend>(
         let outcome = probe(&probes, i).await;
         let Some(topo) = weak.upgrade() else { return };
         if topo.record(i, outcome.as_ref().copied()) {
-            tracing::info!(node = %probes.names[i], "topology changed");
+            tracing::debug!(node = %probes.names[i], "topology changed");
         }
         drop(topo);
         nudges.mark_unchanged();

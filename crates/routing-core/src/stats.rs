@@ -9,6 +9,7 @@ macro_rules! counters {
 
         /// A copy of a router's counters.
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[cfg_attr(feature = "serde", derive(serde::Serialize))]
         #[non_exhaustive]
         pub struct RouterStats { $($(#[$doc])* pub $name: u64,)* }
 

@@ -11,6 +11,8 @@ pub(crate) struct WarnThrottle {
     origin: Instant,
     next_nanos: AtomicU64,
     suppressed: AtomicU64,
+    /// Nanoseconds after `origin` of the last occurrence, plus one (0: never).
+    last_nanos: AtomicU64,
 }
 
 impl WarnThrottle {
@@ -19,12 +21,15 @@ impl WarnThrottle {
             origin: Instant::now(),
             next_nanos: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
+            last_nanos: AtomicU64::new(0),
         }
     }
 
     /// `Some(n)` when this occurrence should be logged (`n` were suppressed since the last one).
     pub(crate) fn allow(&self) -> Option<u64> {
         let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_nanos
+            .store(now.saturating_add(1), Ordering::Relaxed);
         let next = self.next_nanos.load(Ordering::Relaxed);
         let step = u64::try_from(EVERY.as_nanos()).unwrap_or(u64::MAX);
         if now >= next
@@ -42,6 +47,18 @@ impl WarnThrottle {
         }
         self.suppressed.fetch_add(1, Ordering::Relaxed);
         None
+    }
+}
+
+impl WarnThrottle {
+    /// How long ago the last occurrence was (logged or not); `None` if there was none.
+    pub(crate) fn since_last(&self) -> Option<Duration> {
+        let last = self.last_nanos.load(Ordering::Relaxed).checked_sub(1)?;
+        Some(
+            self.origin
+                .elapsed()
+                .saturating_sub(Duration::from_nanos(last)),
+        )
     }
 }
 

@@ -16,6 +16,11 @@ const FORGIVE_AFTER_HEALTHY_PROBES: u32 = 20;
 
 /// A node's role as last observed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
 #[non_exhaustive]
 pub enum NodeRole {
     /// Never probed successfully.

@@ -505,6 +505,14 @@ impl Backend for DieselBackend {
         error::classify(err)
     }
 
+    fn pool_state(pool: &DieselPool) -> Option<routing_core::PoolState> {
+        let state = pool.pool.state();
+        Some(routing_core::PoolState {
+            connections: state.connections,
+            idle: state.idle_connections,
+        })
+    }
+
     fn sqlstate(err: &diesel::result::Error) -> Option<String> {
         error::sqlstate(err).map(str::to_string)
     }

@@ -280,6 +280,13 @@ impl Backend for SqlxBackend {
         crate::errors::classify(err)
     }
 
+    fn pool_state(pool: &NodePool) -> Option<routing_core::PoolState> {
+        Some(routing_core::PoolState {
+            connections: pool.pool.size(),
+            idle: u32::try_from(pool.pool.num_idle()).unwrap_or(u32::MAX),
+        })
+    }
+
     fn sqlstate(err: &sqlx::Error) -> Option<String> {
         crate::errors::sqlstate(err)
     }

@@ -6,14 +6,14 @@ use routing_core::{Backend, Consistency, Lsn, RequestContext, RouterConfig, sql}
 
 use super::{Harness, PAIRS, count_id, insert, staleness_setup, test_config};
 
+/// What a hand-rolled commit LSN looks like: the current position, read whenever.
+const NAIVE_LSN: &str = "SELECT pg_catalog.pg_current_wal_lsn()::pg_catalog.text AS v";
+
 /// An explicit transaction committed with `WriteConn::commit` (one round trip where the driver
 /// allows it) yields a commit LSN that makes read-your-writes exact: with 300 ms apply delay and a
 /// budget above it, every read waits on a replica and sees the row. The control reads an LSN
 /// *inside* the transaction (before the commit record) and waits for a replica to pass it: that
 /// replica has not applied the commit yet, so the row is missing — the trap this API avoids.
-/// What a hand-rolled commit LSN looks like: the current position, read whenever.
-const NAIVE_LSN: &str = "SELECT pg_catalog.pg_current_wal_lsn()::pg_catalog.text AS v";
-
 pub async fn explicit_commit_returns_the_lsn_after_commit<H: Harness>() {
     let config = RouterConfig {
         wait_budget: Duration::from_secs(2),

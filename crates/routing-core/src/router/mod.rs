@@ -22,9 +22,13 @@ use crate::{
 mod plan;
 mod read;
 mod session;
+mod status;
 mod write;
 
 pub use read::ReadConn;
+pub use status::{
+    BanState, MARKS_UNHEALTHY_FOR, MarksHealth, NodeState, PoolOccupancy, PoolState, RouterStatus,
+};
 pub use write::{WriteConn, WriteReceipt};
 
 /// Routes writes to the primary and reads to replicas. Cheap to clone; every clone shares one
@@ -70,6 +74,8 @@ pub(crate) struct NodeRuntime<B: Backend> {
     pub(super) refusal: Arc<RefusalCheck>,
     /// Read sessions log in as a role that may only read ([`NodeConfig::reader_url`]).
     pub(crate) read_only_role: bool,
+    /// Its request-path metrics, registered at build.
+    pub(crate) metrics: crate::telemetry::NodeMetrics,
 }
 
 pub(crate) struct Inner<B: Backend> {
@@ -84,6 +90,7 @@ pub(crate) struct Inner<B: Backend> {
     pub(crate) counters: Counters,
     pub(super) marks_warnings: crate::throttle::WarnThrottle,
     pub(super) max_commit_lsn: AtomicU64,
+    pub(crate) metrics: crate::telemetry::RouterMetrics,
 }
 
 impl<B: Backend> Drop for Inner<B> {
@@ -101,6 +108,7 @@ pub struct RouterBuilder<B: Backend> {
     codec: Option<TokenCodec>,
     picker: Box<dyn ReplicaPicker>,
     regions: RegionPolicy,
+    lag_alert_handlers: Vec<Arc<dyn crate::LagAlertHandler>>,
 }
 
 impl<B: Backend> std::fmt::Debug for RouterBuilder<B> {
@@ -161,6 +169,42 @@ impl<B: Backend> RouterBuilder<B> {
         self
     }
 
+    /// Calls `handler` once when a replica's lag crosses above its alert thresholds
+    /// ([`RouterConfig::lag_alert`], [`NodeConfig::lag_alert`]) and once when it comes back
+    /// below their clear line; a `tracing` event is logged either way. May be called several
+    /// times: every handler gets every alert.
+    ///
+    /// ```no_run
+    /// # async fn run<B: routing_core::Backend>(backend: B) -> Result<(), routing_core::Error> {
+    /// use std::time::Duration;
+    /// use routing_core::{LagAlert, LagAlertKind, LagAlertThresholds, NodeConfig, Router, RouterConfig};
+    ///
+    /// let router = Router::builder(backend)
+    ///     .node(NodeConfig::writer("pg-a", "postgres://app@db-a/shop"))
+    ///     .node(NodeConfig::replica("pg-b", "postgres://app@db-b/shop"))
+    ///     // A replica far away runs further behind: its own threshold.
+    ///     .node(
+    ///         NodeConfig::replica("pg-far", "postgres://app@db-far/shop")
+    ///             .lag_alert(LagAlertThresholds::bytes(64 << 20)),
+    ///     )
+    ///     .config(RouterConfig {
+    ///         // "Alert if a replica is more than 8 MB or 30 s behind"; clear below half.
+    ///         lag_alert: LagAlertThresholds::bytes(8 << 20).and_time(Duration::from_secs(30)),
+    ///         ..RouterConfig::default()
+    ///     })
+    ///     .on_lag_alert(|a: &LagAlert| match a.kind {
+    ///         LagAlertKind::Raised => eprintln!("{} is {:?} bytes behind", a.node, a.lag_bytes),
+    ///         _ => eprintln!("{} caught up", a.node),
+    ///     })
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn on_lag_alert(mut self, handler: impl crate::LagAlertHandler) -> Self {
+        self.lag_alert_handlers.push(Arc::new(handler));
+        self
+    }
+
     /// Validates, builds the pools (without connecting), starts the monitor and waits for its first
     /// round of probes (at most `probe_timeout`). Must run inside a tokio runtime.
     pub async fn build(self) -> Result<Router<B>, Error> {
@@ -214,12 +258,27 @@ impl<B: Backend> RouterBuilder<B> {
                 in_flight: AtomicUsize::new(0),
                 refusal: refusal.clone(),
                 read_only_role: n.reader_url.is_some(),
+                metrics: crate::telemetry::NodeMetrics::new(&Arc::from(n.name.as_str())),
             });
             refusals.push(refusal);
             probe_pools.push(pool(Access::Probe, probe_settings)?);
         }
         let topology = Topology::new(&self.nodes, self.config.lag, self.config.ban, epoch.clone());
-        let topo = Arc::new(TopologyHandle::new(topology, epoch));
+        crate::telemetry::register(
+            nodes
+                .iter()
+                .zip(&self.nodes)
+                .filter(|(_, n)| n.lag_alert.unwrap_or(self.config.lag_alert).enabled())
+                .map(|(rt, _)| rt.name.clone()),
+        );
+        let alerts = crate::alerts::LagAlerts::new(
+            nodes.iter().map(|n| n.name.clone()),
+            self.nodes
+                .iter()
+                .map(|n| n.lag_alert.unwrap_or(self.config.lag_alert)),
+            self.lag_alert_handlers,
+        );
+        let topo = Arc::new(TopologyHandle::new(topology, epoch).with_alerts(alerts));
         let probes = crate::monitor::Probes::<B> {
             pools: probe_pools,
             refusals,
@@ -240,9 +299,11 @@ impl<B: Backend> RouterBuilder<B> {
             counters: Counters::default(),
             marks_warnings: crate::throttle::WarnThrottle::new(),
             max_commit_lsn: AtomicU64::new(0),
+            metrics: crate::telemetry::RouterMetrics::new(),
         });
         let mut changes = topo.subscribe_changes();
         crate::monitor::spawn(&topo, probes);
+        status::spawn_pool_gauges(&inner);
         let router = Router { inner };
         let deadline = tokio::time::Instant::now()
             + router.inner.config.probe_timeout
@@ -275,6 +336,7 @@ impl<B: Backend> Router<B> {
             codec: None,
             picker: Box::new(crate::LeastOutstanding),
             regions: RegionPolicy::default(),
+            lag_alert_handlers: Vec::new(),
         }
     }
 
@@ -351,7 +413,7 @@ impl<B: Backend> Inner<B> {
     /// Applies what a request saw of node `i` to the topology.
     pub(super) fn record_failure(&self, i: usize, why: &BackendError) {
         if self.topo.record(i, Err(why)) {
-            tracing::info!(node = %self.nodes[i].name, "topology changed");
+            tracing::debug!(node = %self.nodes[i].name, "topology changed");
         }
     }
 

@@ -25,6 +25,12 @@ impl<B: Backend> Router<B> {
     }
 
     /// A read session routed for this request: see [`Consistency`].
+    #[tracing::instrument(
+        level = "debug",
+        name = "routing.read",
+        skip_all,
+        fields(mode, node, reason)
+    )]
     pub async fn read_with(&self, ctx: &RequestContext) -> Result<ReadConn<B>, Error> {
         let inner = &self.inner;
         let snap = inner.topo.load_full();
@@ -33,6 +39,7 @@ impl<B: Backend> Router<B> {
         } else {
             ctx.consistency.unwrap_or(inner.config.default_consistency)
         };
+        crate::telemetry::read_mode(&mode);
         let need = match mode {
             Consistency::Primary => Need::Primary,
             Consistency::Eventual => Need::Any,
@@ -131,7 +138,8 @@ impl<B: Backend> Router<B> {
 
 impl<B: Backend> Inner<B> {
     async fn lookup_mark(&self, user: &UserKey) -> Result<Option<crate::Mark>, ()> {
-        match tokio::time::timeout(self.config.marks_timeout, self.marks.get(user)).await {
+        let lookup = tokio::time::timeout(self.config.marks_timeout, self.marks.get(user));
+        match crate::telemetry::marks(&self.metrics, crate::telemetry::MarksOp::Get, lookup).await {
             Ok(Ok(m)) => Ok(m),
             Ok(Err(e)) => {
                 bump(&self.counters.marks_errors);
@@ -203,6 +211,7 @@ impl<B: Backend> Inner<B> {
         if fallback {
             bump(&self.counters.reads_primary_fallback);
         }
+        crate::telemetry::read_on_primary(&self.nodes[node].metrics, &self.metrics, fallback);
         Ok(ReadConn::new(self.clone(), node, pooled, true))
     }
 
@@ -238,7 +247,9 @@ impl<B: Backend> Inner<B> {
             let choice = self.pick(snap, &current.among);
             let must_wait = current.wait;
             let node = &self.nodes[choice];
-            let mut pooled = match node.refusal.checkout(B::checkout(&node.reader_pool)).await {
+            let checkout = node.refusal.checkout(B::checkout(&node.reader_pool));
+            let checkout = crate::telemetry::checkout(&node.metrics, Access::ReadOnly, checkout);
+            let mut pooled = match checkout.await {
                 Ok(p) => p,
                 Err(e) => {
                     // A busy pool is not banned (`report_failure` ignores it): the replica stays
@@ -250,7 +261,8 @@ impl<B: Backend> Inner<B> {
             };
             if let (true, Some(lsn)) = (must_wait, lsn) {
                 bump(&self.counters.lsn_waits);
-                match self.wait_for_replay(choice, pooled, lsn).await {
+                let wait = self.wait_for_replay(choice, pooled, lsn);
+                match crate::telemetry::lsn_wait(&node.metrics, wait).await {
                     Ok(Some(caught_up)) => pooled = caught_up,
                     Ok(None) => {
                         bump(&self.counters.lsn_wait_timeouts);
@@ -264,6 +276,7 @@ impl<B: Backend> Inner<B> {
                 }
             }
             bump(&self.counters.reads_replica);
+            crate::telemetry::read_on_replica(&node.metrics, must_wait, lsn.is_some());
             return Ok(ReadConn::new(self.clone(), choice, pooled, false));
         }
         self.read_on_primary(true).await

@@ -22,9 +22,11 @@ impl<B: Backend> Router<B> {
 
     /// A write session on the primary for the context's user. Waits up to `write_deadline` for a
     /// reachable primary (across a failover), then fails with [`Error::NoPrimary`].
+    #[tracing::instrument(level = "debug", name = "routing.write", skip_all, fields(node))]
     pub async fn write_with(&self, ctx: &RequestContext) -> Result<WriteConn<B>, Error> {
         let (node, pooled) = self.inner.acquire_on_writer(Access::ReadWrite).await?;
         bump(&self.inner.counters.writes);
+        crate::telemetry::write(&self.inner.nodes[node].metrics);
         Ok(WriteConn {
             session: Session::new(self.inner.clone(), node, Access::ReadWrite, pooled),
             user: ctx.user.clone(),
@@ -69,8 +71,12 @@ impl<B: Backend> Inner<B> {
                 };
                 changes.borrow_and_update();
                 let generation = self.topo.epoch().generation();
-                let checkout =
-                    tokio::time::timeout_at(deadline, node.refusal.checkout(B::checkout(pool)));
+                let checkout = crate::telemetry::checkout(
+                    &node.metrics,
+                    access,
+                    node.refusal.checkout(B::checkout(pool)),
+                );
+                let checkout = tokio::time::timeout_at(deadline, checkout);
                 tokio::pin!(checkout);
                 // A checkout on a writer that stopped answering (blackholed, not refusing) can
                 // take the pool's whole connect timeout. Give up on it as soon as the monitor
@@ -385,9 +391,13 @@ impl<B: Backend> WriteConn<B> {
 impl<B: Backend> Inner<B> {
     /// Raises the user's mark to `lsn` within `marks_timeout`; true when the store took it.
     pub(crate) async fn raise_mark(&self, user: &UserKey, lsn: Lsn) -> bool {
-        let update = tokio::time::timeout(
-            self.config.marks_timeout,
-            self.marks.set_max(user, lsn, self.config.mark_ttl),
+        let update = crate::telemetry::marks(
+            &self.metrics,
+            crate::telemetry::MarksOp::Set,
+            tokio::time::timeout(
+                self.config.marks_timeout,
+                self.marks.set_max(user, lsn, self.config.mark_ttl),
+            ),
         )
         .await;
         matches!(update, Ok(Ok(())))
