@@ -54,10 +54,15 @@ impl TopologyHandle {
     pub(crate) fn record(&self, i: usize, outcome: Result<ProbeReport, &BackendError>) -> bool {
         let now = Instant::now();
         let mut topo = self.topology.lock();
+        let failed = outcome.is_err();
         let changed = match outcome {
             Ok(report) => topo.apply_probe(i, report, now),
             Err(why) => topo.apply_error(i, why, now),
         };
+        if failed || changed {
+            // Pooled sessions idle since before this are checked at their next checkout.
+            self.epoch.trouble();
+        }
         let snap = topo.snapshot();
         if let (Some(_), Some(timeline), Some(system_id)) =
             (snap.writer, snap.timeline, snap.system_id)

@@ -124,6 +124,8 @@ struct Conn {
     label: Arc<str>,
     /// Set by [`Backend::discard`]: closed when returned, never reused.
     discarded: bool,
+    /// When the session last went back to the pool (bb8 asks `has_broken` then).
+    idle_since: Instant,
 }
 
 /// A connect failure, kept so checkouts waiting on the pool fail at once with the cause instead
@@ -203,6 +205,7 @@ impl ManageConnection for Manager {
                 born: Instant::now(),
                 label: s.label.clone(),
                 discarded: false,
+                idle_since: Instant::now(),
             }),
             Err(e) => {
                 tracing::debug!(node = %s.node, access = ?s.access, error = %e, "connect failed");
@@ -232,13 +235,17 @@ impl ManageConnection for Manager {
             // transaction was left open. Never hand those out, pre-ping or not.
             return Err(s.err(ErrorKind::Connection, "session closed"));
         }
-        if !s.settings.pre_ping {
+        // A recently used session came back through a reset that succeeded (or untouched):
+        // known good, no round trip. Only one that sat idle is checked.
+        if !s.epoch.needs_check(&s.settings, c.idle_since.elapsed()) {
             return Ok(());
         }
         session_check(&s.label, s.access, &s.epoch, &mut c.conn).await
     }
 
     fn has_broken(&self, c: &mut Conn) -> bool {
+        // bb8 asks on every return to the pool: the session's idle time starts now.
+        c.idle_since = Instant::now();
         // diesel-async: the socket closed, or a diesel-managed transaction was left open/failed.
         c.discarded || self.inner.has_broken(&mut c.conn)
     }
@@ -418,7 +425,8 @@ impl Backend for DieselBackend {
             .connection_timeout(settings.connect_timeout)
             .max_lifetime(settings.max_lifetime)
             .idle_timeout(settings.idle_timeout)
-            // Always: the generation check runs at every checkout; the ping only with pre_ping.
+            // Always: the generation check runs at every checkout (no round trip); the check
+            // query only with pre_ping, on a session that sat idle.
             .test_on_check_out(true)
             // The router decides what to do about a node that refuses connections.
             .retry_connection(false)

@@ -175,7 +175,8 @@ impl Backend for SqlxBackend {
             .acquire_timeout(settings.connect_timeout)
             .max_lifetime(settings.max_lifetime)
             .idle_timeout(settings.idle_timeout)
-            // `before_acquire` pings when asked to; sqlx's own ping would be a second round trip.
+            // `before_acquire` checks an idle session; sqlx's own ping would be a second round
+            // trip (and one on every checkout).
             .test_before_acquire(false)
             .before_acquire(move |conn, meta: PoolConnectionMetadata| {
                 let epoch = epoch.clone();
@@ -190,7 +191,9 @@ impl Backend for SqlxBackend {
                     if settings.is_expired(meta.age, meta.idle_for) {
                         return Ok(false);
                     }
-                    if !settings.pre_ping {
+                    // A recently used session came back through a reset that succeeded (or
+                    // untouched): known good, no round trip. Only one that sat idle is checked.
+                    if !epoch.needs_check(&settings, meta.idle_for) {
                         return Ok(true);
                     }
                     Ok(session_check(conn, access, &epoch).await?.is_ok())
