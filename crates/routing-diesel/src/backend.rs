@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio_postgres::config::TargetSessionAttrs;
 
 use crate::error;
+use crate::lsn::Static;
 
 /// The diesel-async backend: `Router<DieselBackend>` hands out [`AsyncPgConnection`]s.
 ///
@@ -263,16 +264,19 @@ struct TextRow {
     v: Option<String>,
 }
 
-/// Runs `sql` (one text column named `v`) and returns the first row's value.
+/// Runs `sql` (one text column named `v`) and returns the first row's value. The router's own
+/// statements (constants of [`sql`]) run as cached prepared statements ([`Static`]): one round
+/// trip, where `sql_query` prepares, runs and closes a statement each time.
 async fn text_query(
     label: &str,
     conn: &mut AsyncPgConnection,
     sql: &str,
 ) -> Result<Option<String>, BackendError> {
-    diesel::sql_query(sql)
-        .get_result::<TextRow>(conn)
-        .await
-        .optional()
+    let row = match Static::of(sql) {
+        Some(stmt) => stmt.get_result::<TextRow>(conn).await,
+        None => diesel::sql_query(sql).get_result::<TextRow>(conn).await,
+    };
+    row.optional()
         .map(|row| row.and_then(|r| r.v))
         .map_err(|e| error::query_error(label, e))
 }
@@ -523,5 +527,31 @@ impl Backend for DieselBackend {
         crate::lsn::commit_lsn(&mut c.conn)
             .await
             .map_err(|e| error::query_error(&c.label, e))
+    }
+
+    /// One round trip: the COMMIT and the LSN query are pipelined (diesel-async sends requests
+    /// made through a shared reference without waiting for the previous answer; the server runs
+    /// them in order, so the position is read after the COMMIT, whatever became of it). A failed
+    /// COMMIT is the answer; the position is then ignored.
+    async fn commit_returning_lsn(pooled: &mut PooledConn) -> Result<Option<Lsn>, BackendError> {
+        let c = &mut *pooled.inner;
+        let conn: &AsyncPgConnection = &c.conn;
+        let commit = async {
+            let mut shared = conn;
+            SimpleAsyncConnection::batch_execute(&mut shared, sql::COMMIT).await
+        };
+        let mut commit = std::pin::pin!(commit);
+        // Poll the COMMIT once before the position query exists: that sends it first.
+        let early = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(commit.as_mut(), cx))
+        })
+        .await;
+        let position = crate::lsn::commit_lsn_shared(conn);
+        let (committed, position) = match early {
+            std::task::Poll::Ready(done) => (done, position.await),
+            std::task::Poll::Pending => tokio::join!(commit, position),
+        };
+        committed.map_err(|e| error::query_error(&c.label, e))?;
+        position.map_err(|e| error::query_error(&c.label, e))
     }
 }
