@@ -28,6 +28,11 @@ commands:
   chaos [--json FILE] [--long]
                             check prerequisites, then run the chaos harness; arguments are passed
                             through (cargo run --release -p routing-examples --bin chaos -- ARGS)
+  bench [--quick] [--json FILE]
+                            check prerequisites, then measure what routing costs per request
+                            against the raw driver pools (cargo run --release -p routing-examples
+                            --bin bench -- ARGS); writes FILE (default target/bench/bench.json)
+                            and a markdown report beside it. --quick: short rounds (< 2 min)
   help                      this text
 
 environment:
@@ -47,6 +52,7 @@ fn main() -> ExitCode {
         "test" if rest.is_empty() => test(),
         "demo" if rest.is_empty() => demo(),
         "chaos" => chaos(rest),
+        "bench" => bench(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -187,6 +193,32 @@ fn chaos(args: &[String]) -> Result<(), Fail> {
                     EXAMPLES_PACKAGE,
                     "--bin",
                     "chaos",
+                    "--",
+                ])
+                .args(args)
+                .current_dir(&root))
+        },
+    )
+}
+
+/// `cargo xtask bench [--quick] [--json FILE]`: pass-through to the benchmark (release build).
+fn bench(args: &[String]) -> Result<(), Fail> {
+    step(
+        "prerequisites: PostgreSQL server binaries and redis-server",
+        prereq::ensure,
+    )?;
+    let root = workspace_root();
+    step(
+        "bench: cargo run --release -p routing-examples --bin bench",
+        || {
+            run(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    EXAMPLES_PACKAGE,
+                    "--bin",
+                    "bench",
                     "--",
                 ])
                 .args(args)

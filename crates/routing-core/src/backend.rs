@@ -96,6 +96,17 @@ impl Access {
     }
 }
 
+/// A pooled session idle for less than this is handed out without a validation round trip
+/// (with [`PoolSettings::pre_ping`]; see [`Epoch::needs_check`]). A session returns to its pool
+/// only through a reset that succeeded (itself a round trip that proves the connection alive,
+/// and, for readers, read-only again) or untouched, and a session of an older topology
+/// generation is refused without asking the server, so a recently used session is known good.
+/// What the check can still find (the server process went away) shows on sessions that sat
+/// idle, or after trouble the router saw; on a node that died within the threshold and nobody
+/// noticed yet, the request's first query finds it (a connection error, which bans the node;
+/// `Router::read_retrying` runs the work once more elsewhere).
+pub const CHECK_IDLE_AFTER: Duration = Duration::from_millis(500);
+
 impl PoolSettings {
     /// Has a pooled session outlived `max_lifetime` or `idle_timeout`? Checked at checkout, since
     /// pools enforce them only lazily.
@@ -223,6 +234,9 @@ struct EpochInner {
     generation: AtomicU64,
     origin: Instant,
     bumped_at_nanos: AtomicU64,
+    /// When (nanos since `origin`) a node last failed a probe or a request, or the topology
+    /// changed: sessions idle since before then are checked at their next checkout.
+    trouble_at_nanos: AtomicU64,
     /// The elected writer's timeline (high 32 bits, 0 = unknown) and system identifier.
     writer_timeline: AtomicU64,
     writer_system_id: AtomicU64,
@@ -234,6 +248,7 @@ impl Default for Epoch {
             generation: AtomicU64::new(1),
             origin: Instant::now(),
             bumped_at_nanos: AtomicU64::new(0),
+            trouble_at_nanos: AtomicU64::new(0),
             writer_timeline: AtomicU64::new(0),
             writer_system_id: AtomicU64::new(0),
         }))
@@ -257,6 +272,29 @@ impl Epoch {
         let bumped = Duration::from_nanos(self.0.bumped_at_nanos.load(Ordering::Acquire));
         let since_bump = self.0.origin.elapsed().saturating_sub(bumped);
         age < since_bump
+    }
+
+    /// Does a pooled session idle for `idle_for` need [`Access::check_sql`] at checkout? Only
+    /// with `pre_ping`, and then when it has been idle for [`CHECK_IDLE_AFTER`], or since before
+    /// the last trouble the router saw (a node failed a probe or a request, or the topology
+    /// changed: a node that died and came back within the idle threshold left dead sessions in
+    /// its pools). Any other session is known good and costs no round trip at checkout.
+    pub fn needs_check(&self, settings: &PoolSettings, idle_for: Duration) -> bool {
+        if !settings.pre_ping {
+            return false;
+        }
+        if idle_for >= CHECK_IDLE_AFTER {
+            return true;
+        }
+        let trouble = Duration::from_nanos(self.0.trouble_at_nanos.load(Ordering::Acquire));
+        let since_trouble = self.0.origin.elapsed().saturating_sub(trouble);
+        idle_for >= since_trouble
+    }
+
+    /// Records trouble (see [`Epoch::needs_check`]).
+    pub(crate) fn trouble(&self) {
+        let nanos = u64::try_from(self.0.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.0.trouble_at_nanos.fetch_max(nanos, Ordering::AcqRel);
     }
 
     /// The elected writer's timeline and system identifier, once known: what a writer session's

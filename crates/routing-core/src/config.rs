@@ -207,7 +207,9 @@ pub struct PoolSettings {
     pub max_lifetime: Option<Duration>,
     /// Idle connections older than this are closed.
     pub idle_timeout: Option<Duration>,
-    /// Validate a pooled connection (and, for writers, that its node is still read-write) at checkout.
+    /// Validate a pooled connection (and, for writers, that its node is still read-write) at
+    /// checkout once it has been idle for [`crate::CHECK_IDLE_AFTER`] or since a node failed (a
+    /// recently used one is known good: see [`crate::Epoch::needs_check`]).
     pub pre_ping: bool,
     /// Server-side statement timeout for this pool's sessions (used for probes).
     pub statement_timeout: Option<Duration>,

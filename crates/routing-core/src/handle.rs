@@ -74,11 +74,16 @@ impl TopologyHandle {
         let now = Instant::now();
         let mut topo = self.topology.lock();
         let probed = outcome.is_ok();
+        let failed = !probed;
         let old = self.snapshot.load_full();
         let changed = match outcome {
             Ok(report) => topo.apply_probe(i, report, now),
             Err(why) => topo.apply_error(i, why, now),
         };
+        if failed || changed {
+            // Pooled sessions idle since before this are checked at their next checkout.
+            self.epoch.trouble();
+        }
         let snap = topo.snapshot();
         // Only a probe answer measures lag; a failure leaves the alert as it was.
         let alert = if probed {

@@ -36,7 +36,7 @@ mod token;
 mod topology;
 
 pub use alerts::{LagAlert, LagAlertHandler, LagAlertKind, LagAlertThresholds};
-pub use backend::{Access, Backend, Epoch, PoolSpec, parse_lsn, sql};
+pub use backend::{Access, Backend, CHECK_IDLE_AFTER, Epoch, PoolSpec, parse_lsn, sql};
 pub use config::{
     BanPolicy, LagBounds, MarksFailure, NodeConfig, PoolSettings, RoleHint, RouterConfig,
 };

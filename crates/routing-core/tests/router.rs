@@ -466,3 +466,34 @@ async fn the_monitor_stops_with_the_router() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(probes(), after_drop, "no probes after the router is gone");
 }
+
+/// A read guard dropped without its connection ever being handed out returns the session as it
+/// came (no reset task, no round trip); one whose connection was used is reset before reuse.
+#[tokio::test]
+async fn only_sessions_that_were_used_are_reset() {
+    let world = World::new(2);
+    let r = router(&world).await;
+    let eventual = RequestContext::new().consistency(Consistency::Eventual);
+    for _ in 0..10 {
+        let c = r.read_with(&eventual).await.expect("read");
+        assert!(!c.on_primary());
+        drop(c);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let untouched = r.stats();
+    assert_eq!(
+        untouched.sessions_reset + untouched.sessions_discarded,
+        0,
+        "unused sessions go back untouched"
+    );
+    for _ in 0..10 {
+        let mut c = r.read_with(&eventual).await.expect("read");
+        let done = FakeBackend::query_text(c.pooled(), "SELECT 1").await;
+        c.check_backend(done).expect("query");
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while r.stats().sessions_reset < 10 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(r.stats().sessions_reset, 10, "every used session is reset");
+}

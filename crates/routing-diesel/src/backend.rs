@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio_postgres::config::TargetSessionAttrs;
 
 use crate::error;
+use crate::lsn::Static;
 
 /// The diesel-async backend: `Router<DieselBackend>` hands out [`AsyncPgConnection`]s.
 ///
@@ -124,6 +125,8 @@ struct Conn {
     label: Arc<str>,
     /// Set by [`Backend::discard`]: closed when returned, never reused.
     discarded: bool,
+    /// When the session last went back to the pool (bb8 asks `has_broken` then).
+    idle_since: Instant,
 }
 
 /// A connect failure, kept so checkouts waiting on the pool fail at once with the cause instead
@@ -203,6 +206,7 @@ impl ManageConnection for Manager {
                 born: Instant::now(),
                 label: s.label.clone(),
                 discarded: false,
+                idle_since: Instant::now(),
             }),
             Err(e) => {
                 tracing::debug!(node = %s.node, access = ?s.access, error = %e, "connect failed");
@@ -232,13 +236,17 @@ impl ManageConnection for Manager {
             // transaction was left open. Never hand those out, pre-ping or not.
             return Err(s.err(ErrorKind::Connection, "session closed"));
         }
-        if !s.settings.pre_ping {
+        // A recently used session came back through a reset that succeeded (or untouched):
+        // known good, no round trip. Only one that sat idle is checked.
+        if !s.epoch.needs_check(&s.settings, c.idle_since.elapsed()) {
             return Ok(());
         }
         session_check(&s.label, s.access, &s.epoch, &mut c.conn).await
     }
 
     fn has_broken(&self, c: &mut Conn) -> bool {
+        // bb8 asks on every return to the pool: the session's idle time starts now.
+        c.idle_since = Instant::now();
         // diesel-async: the socket closed, or a diesel-managed transaction was left open/failed.
         c.discarded || self.inner.has_broken(&mut c.conn)
     }
@@ -256,16 +264,19 @@ struct TextRow {
     v: Option<String>,
 }
 
-/// Runs `sql` (one text column named `v`) and returns the first row's value.
+/// Runs `sql` (one text column named `v`) and returns the first row's value. The router's own
+/// statements (constants of [`sql`]) run as cached prepared statements ([`Static`]): one round
+/// trip, where `sql_query` prepares, runs and closes a statement each time.
 async fn text_query(
     label: &str,
     conn: &mut AsyncPgConnection,
     sql: &str,
 ) -> Result<Option<String>, BackendError> {
-    diesel::sql_query(sql)
-        .get_result::<TextRow>(conn)
-        .await
-        .optional()
+    let row = match Static::of(sql) {
+        Some(stmt) => stmt.get_result::<TextRow>(conn).await,
+        None => diesel::sql_query(sql).get_result::<TextRow>(conn).await,
+    };
+    row.optional()
         .map(|row| row.and_then(|r| r.v))
         .map_err(|e| error::query_error(label, e))
 }
@@ -418,7 +429,8 @@ impl Backend for DieselBackend {
             .connection_timeout(settings.connect_timeout)
             .max_lifetime(settings.max_lifetime)
             .idle_timeout(settings.idle_timeout)
-            // Always: the generation check runs at every checkout; the ping only with pre_ping.
+            // Always: the generation check runs at every checkout (no round trip); the check
+            // query only with pre_ping, on a session that sat idle.
             .test_on_check_out(true)
             // The router decides what to do about a node that refuses connections.
             .retry_connection(false)
@@ -523,5 +535,31 @@ impl Backend for DieselBackend {
         crate::lsn::commit_lsn(&mut c.conn)
             .await
             .map_err(|e| error::query_error(&c.label, e))
+    }
+
+    /// One round trip: the COMMIT and the LSN query are pipelined (diesel-async sends requests
+    /// made through a shared reference without waiting for the previous answer; the server runs
+    /// them in order, so the position is read after the COMMIT, whatever became of it). A failed
+    /// COMMIT is the answer; the position is then ignored.
+    async fn commit_returning_lsn(pooled: &mut PooledConn) -> Result<Option<Lsn>, BackendError> {
+        let c = &mut *pooled.inner;
+        let conn: &AsyncPgConnection = &c.conn;
+        let commit = async {
+            let mut shared = conn;
+            SimpleAsyncConnection::batch_execute(&mut shared, sql::COMMIT).await
+        };
+        let mut commit = std::pin::pin!(commit);
+        // Poll the COMMIT once before the position query exists: that sends it first.
+        let early = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(commit.as_mut(), cx))
+        })
+        .await;
+        let position = crate::lsn::commit_lsn_shared(conn);
+        let (committed, position) = match early {
+            std::task::Poll::Ready(done) => (done, position.await),
+            std::task::Poll::Pending => tokio::join!(commit, position),
+        };
+        committed.map_err(|e| error::query_error(&c.label, e))?;
+        position.map_err(|e| error::query_error(&c.label, e))
     }
 }

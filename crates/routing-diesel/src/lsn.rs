@@ -1,8 +1,10 @@
 //! Typed WAL positions with diesel's [`PgLsn`].
 
 use diesel::QueryableByName;
+use diesel::pg::Pg;
 use diesel::pg::data_types::PgLsn;
-use diesel::sql_types::{Nullable, PgLsn as PgLsnSql};
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{Nullable, PgLsn as PgLsnSql, Untyped};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use routing_core::{Lsn, sql};
 
@@ -22,8 +24,63 @@ struct LsnRow {
     v: Option<PgLsn>,
 }
 
-async fn lsn_query(conn: &mut AsyncPgConnection, sql: &str) -> diesel::QueryResult<Option<Lsn>> {
-    let row = diesel::sql_query(sql).get_result::<LsnRow>(conn).await?;
+/// One of the router's own statements (constant SQL, no binds), run as a prepared statement
+/// that diesel-async caches by its text: one round trip after its first use, where
+/// `diesel::sql_query` (never cached) prepares, runs and closes a statement every time.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Static(&'static str);
+
+impl Static {
+    /// The router's statements that run on request paths; `None` for any other SQL (caching
+    /// arbitrary texts would grow the connection's statement cache without bound).
+    pub(crate) fn of(text: &str) -> Option<Static> {
+        [
+            sql::READ_ONLY_CHECK,
+            sql::WRITER_CHECK,
+            sql::PING,
+            sql::COMMIT_LSN,
+            sql::COMMIT_LSN_TYPED,
+            sql::REPLAY_LSN,
+            sql::REPLAY_LSN_TYPED,
+        ]
+        .into_iter()
+        .find(|s| *s == text)
+        .map(Static)
+    }
+}
+
+impl QueryId for Static {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl Query for Static {
+    type SqlType = Untyped;
+}
+
+impl QueryFragment<Pg> for Static {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> diesel::QueryResult<()> {
+        out.push_sql(self.0);
+        Ok(())
+    }
+}
+
+async fn lsn_query(
+    conn: &mut AsyncPgConnection,
+    sql: &'static str,
+) -> diesel::QueryResult<Option<Lsn>> {
+    let row = Static(sql).get_result::<LsnRow>(conn).await?;
+    Ok(row.v.map(from_pg_lsn))
+}
+
+/// [`commit_lsn`] through a shared reference, so it can be pipelined behind a COMMIT.
+pub(crate) async fn commit_lsn_shared(
+    conn: &AsyncPgConnection,
+) -> diesel::QueryResult<Option<Lsn>> {
+    let mut shared = conn;
+    let row = Static(sql::COMMIT_LSN_TYPED)
+        .get_result::<LsnRow>(&mut shared)
+        .await?;
     Ok(row.v.map(from_pg_lsn))
 }
 

@@ -15,11 +15,15 @@ use redis::Script;
 /// Source of the lookup script.
 ///
 /// `KEYS[1]` mark, `KEYS[2]` epoch. Returns `{value or '', pttl, epoch age in ms, 1 if the epoch
-/// was created by this call}`.
+/// was created by this call}`. A user with a mark (the read path of read-your-writes after a
+/// write) costs two reads and nothing else: the epoch only matters when there is no mark (a mark
+/// that is there is the user's latest write whatever Redis lost before), so its age is
+/// returned as 0 then and the epoch key is not looked at.
 pub(crate) const GET: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
 local v = redis.call('GET', KEYS[1])
-local pttl = redis.call('PTTL', KEYS[1])
+if v then return {v, redis.call('PTTL', KEYS[1]), 0, 0} end
+local pttl = -2
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local born = tonumber(redis.call('GET', KEYS[2]) or '')

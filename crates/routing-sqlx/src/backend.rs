@@ -133,6 +133,18 @@ fn not_writer(node: &str) -> BackendError {
     )
 }
 
+/// One of the router's constant queries that run on request paths.
+fn is_router_statement(text: &str) -> bool {
+    [
+        routing_core::sql::COMMIT_LSN,
+        routing_core::sql::REPLAY_LSN,
+        routing_core::sql::READ_ONLY_CHECK,
+        routing_core::sql::WRITER_CHECK,
+        routing_core::sql::PING,
+    ]
+    .contains(&text)
+}
+
 /// Runs the access's check query; the inner result is routing-core's verdict on the answer
 /// (`Err(NotWriter)` for a writer session on a node in recovery).
 async fn session_check(
@@ -175,7 +187,8 @@ impl Backend for SqlxBackend {
             .acquire_timeout(settings.connect_timeout)
             .max_lifetime(settings.max_lifetime)
             .idle_timeout(settings.idle_timeout)
-            // `before_acquire` pings when asked to; sqlx's own ping would be a second round trip.
+            // `before_acquire` checks an idle session; sqlx's own ping would be a second round
+            // trip (and one on every checkout).
             .test_before_acquire(false)
             .before_acquire(move |conn, meta: PoolConnectionMetadata| {
                 let epoch = epoch.clone();
@@ -190,7 +203,9 @@ impl Backend for SqlxBackend {
                     if settings.is_expired(meta.age, meta.idle_for) {
                         return Ok(false);
                     }
-                    if !settings.pre_ping {
+                    // A recently used session came back through a reset that succeeded (or
+                    // untouched): known good, no round trip. Only one that sat idle is checked.
+                    if !epoch.needs_check(&settings, meta.idle_for) {
                         return Ok(true);
                     }
                     Ok(session_check(conn, access, &epoch).await?.is_ok())
@@ -233,10 +248,20 @@ impl Backend for SqlxBackend {
         pooled: &'a mut PoolConnection<Postgres>,
         sql: &'a str,
     ) -> Result<Option<String>, BackendError> {
-        let row = sqlx::raw_sql(AssertSqlSafe(sql))
-            .fetch_optional(&mut **pooled)
-            .await
-            .map_err(backend_error)?;
+        // The router's own statements (the commit and replay positions on request paths) run
+        // as prepared statements sqlx caches: one round trip without parsing and planning the
+        // text again each time. Any other SQL stays a simple query (caching arbitrary texts
+        // would churn the statement cache).
+        let row = if is_router_statement(sql) {
+            sqlx::query(AssertSqlSafe(sql))
+                .fetch_optional(&mut **pooled)
+                .await
+        } else {
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .fetch_optional(&mut **pooled)
+                .await
+        }
+        .map_err(backend_error)?;
         match row {
             Some(row) => row.try_get::<Option<String>, _>("v").map_err(backend_error),
             None => Ok(None),

@@ -18,8 +18,8 @@ use routing_testkit::{Cluster, READER_ROLE, WRITER_ROLE};
 const TENANT_ROLE: &str = "conf_tenant";
 
 use super::{
-    Harness, codec, count_id, create_table, insert, kit, shared_cluster, table, test_config,
-    wait_until, whoami,
+    Harness, Server, codec, count_id, create_table, eventual, insert, kit, shared_cluster, table,
+    test_config, wait_until, whoami,
 };
 
 /// One session per pool, so a misbehaving request's session is the next request's.
@@ -735,4 +735,77 @@ pub async fn a_cancelled_commit_still_records_the_mark<H: Harness>() {
             "the user sees the write"
         );
     }
+}
+
+/// A checkout runs no check query on a session used moments ago (it came back through a reset
+/// that succeeded, itself a round trip on it, or untouched); only a session idle for
+/// [`routing_core::CHECK_IDLE_AFTER`] is checked. The fault the check on every checkout used to
+/// catch, a pooled session whose server process is gone, is still caught: after an idle spell by
+/// the checkout (the read gets a working session at once); right after use by the checkout when
+/// the driver already saw the socket close, else by the request's own query, which
+/// `read_retrying_backend` runs once more on a fresh session. The dead session is never reused.
+pub async fn dead_sessions_are_caught_without_a_ping_per_checkout<H: Harness>() {
+    let c = shared_cluster();
+    let r = router_1r::<H>(c, one_session_config()).await;
+    // Another router's session terminates the victim: a role may signal its own sessions.
+    let killer = router_1r::<H>(c, test_config()).await;
+    let terminate = |victim: Server, on_primary: bool| {
+        let killer = killer.clone();
+        async move {
+            let ctx = eventual().force_primary(on_primary);
+            for _ in 0..50 {
+                let mut conn = killer.read_with(&ctx).await.expect("killer read");
+                let me = whoami::<H::B>(conn.pooled()).await.expect("killer whoami");
+                if me.port != victim.port {
+                    drop(conn);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                let sql = format!(
+                    "SELECT pg_catalog.pg_terminate_backend({})::pg_catalog.text AS v",
+                    victim.pid
+                );
+                assert_eq!(
+                    text::<H::B>(conn.pooled(), &sql).await,
+                    "true",
+                    "terminated"
+                );
+                return;
+            }
+            panic!("no killer session on the victim's node");
+        }
+    };
+
+    // Idle past the threshold: the checkout's check finds the session dead and connects anew.
+    let (first, on_primary) = {
+        let mut conn = r.read().await.expect("read");
+        let me = whoami::<H::B>(conn.pooled()).await.expect("whoami");
+        (me, conn.on_primary())
+    };
+    terminate(first, on_primary).await;
+    tokio::time::sleep(routing_core::CHECK_IDLE_AFTER + Duration::from_millis(200)).await;
+    let retries = r.stats().read_retries;
+    let (second, on_primary) = {
+        let mut conn = r.read().await.expect("read after an idle spell");
+        let me = whoami::<H::B>(conn.pooled())
+            .await
+            .expect("the checkout never hands out the dead idle session");
+        (me, conn.on_primary())
+    };
+    assert_ne!(second.pid, first.pid, "a fresh session");
+
+    // Used moments ago: caught at checkout or by the first query, then one retry.
+    terminate(second, on_primary).await;
+    let third = r
+        .read_retrying_backend(&eventual(), |p| Box::pin(whoami::<H::B>(p)))
+        .await
+        .expect("the read succeeds on a fresh session");
+    assert_ne!(third.pid, second.pid, "the dead session is not reused");
+    let retried = r.stats().read_retries - retries;
+    assert!(retried <= 1, "at most the one retry ({retried})");
+    let again = {
+        let mut conn = r.read().await.expect("read");
+        whoami::<H::B>(conn.pooled()).await.expect("whoami")
+    };
+    assert_ne!(again.pid, second.pid, "the dead session never comes back");
 }

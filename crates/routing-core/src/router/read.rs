@@ -62,20 +62,40 @@ impl<B: Backend> Router<B> {
                     }
                 }
                 let mut primary = false;
+                let mut early = None;
                 if mode == Consistency::ReadYourWrites
                     && let Some(user) = &ctx.user
                 {
-                    match inner.lookup_mark(user).await {
+                    // The marks lookup runs while a session is checked out on the replica the
+                    // read would get without a mark: with the mark the same replica usually
+                    // serves it (the snapshot shows it past the LSN), and the lookup's round
+                    // trip then costs no time of its own.
+                    let guess = need.map_or(Need::Any, Need::AtLeast);
+                    let (mark, checked_out) = tokio::join!(
+                        inner.lookup_mark(user),
+                        inner.early_checkout(&snap, ctx, guess)
+                    );
+                    early = checked_out;
+                    match mark {
                         Ok(Some(m)) => need = need.max(Some(m.lsn)),
                         Ok(None) => {}
                         Err(()) => primary = matches!(inner.on_marks_failure(), Need::Primary),
                     }
                 }
-                match need {
+                let need = match need {
                     _ if primary => Need::Primary,
                     Some(lsn) => Need::AtLeast(lsn),
                     None => Need::Any,
+                };
+                if let Some((node, pooled)) = early {
+                    if inner.serves_at_once(&snap, ctx, need, node) {
+                        bump(&inner.counters.reads_replica);
+                        return Ok(ReadConn::new(inner.clone(), node, pooled, false));
+                    }
+                    // Not good enough after all: never handed out, it goes back as it came.
+                    drop(pooled);
                 }
+                need
             }
         };
         match need {
@@ -280,6 +300,56 @@ impl<B: Backend> Inner<B> {
             return Ok(ReadConn::new(self.clone(), choice, pooled, false));
         }
         self.read_on_primary(true).await
+    }
+
+    /// A session on the replica the plan for `need` picks first, if that step needs no wait
+    /// (see the marks lookup in `read_with`). A failed checkout is reported like any other;
+    /// the read then takes its ordinary path.
+    async fn early_checkout(
+        &self,
+        snap: &Snapshot,
+        ctx: &RequestContext,
+        need: Need,
+    ) -> Option<(usize, B::Pooled)> {
+        let steps = plan_replicas(
+            snap,
+            Instant::now(),
+            &self.regions,
+            ctx.region.as_ref(),
+            need,
+            self.config.wait_budget,
+        );
+        let first = steps.first().filter(|s| !s.wait && !s.among.is_empty())?;
+        let choice = self.pick(snap, &first.among);
+        let node = &self.nodes[choice];
+        match node.refusal.checkout(B::checkout(&node.reader_pool)).await {
+            Ok(pooled) => Some((choice, pooled)),
+            Err(e) => {
+                self.report_failure(choice, &e);
+                None
+            }
+        }
+    }
+
+    /// Would the plan for `need` serve the read on `node` without waiting (first step)?
+    fn serves_at_once(
+        &self,
+        snap: &Snapshot,
+        ctx: &RequestContext,
+        need: Need,
+        node: usize,
+    ) -> bool {
+        let steps = plan_replicas(
+            snap,
+            Instant::now(),
+            &self.regions,
+            ctx.region.as_ref(),
+            need,
+            self.config.wait_budget,
+        );
+        steps
+            .first()
+            .is_some_and(|s| !s.wait && s.among.contains(&node))
     }
 
     fn pick(&self, snap: &Snapshot, among: &[usize]) -> usize {

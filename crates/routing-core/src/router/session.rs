@@ -7,10 +7,15 @@
 //! reset runs in a spawned task, off the request's path; until it succeeds the session is held
 //! by a [`Returning`] whose own drop discards it, so a reset that fails, times out or never runs
 //! (the runtime shutting down) can only close the connection, never return it dirty.
+//!
+//! A session nobody touched (its connection never handed to code, by reference or otherwise)
+//! is exactly as clean as when it was checked out: it goes straight back to the pool, with no
+//! task and no round trip. Anything else is reset: neither driver tells what a request left
+//! behind (see ARCHITECTURE.md, "Session hygiene").
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::Inner;
 use crate::backend::sql;
@@ -27,6 +32,10 @@ pub(crate) struct Session<B: Backend> {
     /// caller's future was cancelled), the reset task first records their marks at the
     /// session's commit position, so a cancelled `finish`/`commit` never loses them.
     pub(crate) pending_mark: Vec<UserKey>,
+    /// Set once the connection was handed out (`Deref`, `DerefMut`, `pooled()`): from then on
+    /// it may hold state a request left, and is reset before reuse. Atomic because `Deref`
+    /// takes `&self` (diesel-async runs queries through a shared reference too).
+    touched: AtomicBool,
 }
 
 impl<B: Backend> Session<B> {
@@ -43,16 +52,19 @@ impl<B: Backend> Session<B> {
             access,
             inner,
             pending_mark: Vec::new(),
+            touched: AtomicBool::new(false),
         }
     }
 
     pub(crate) fn pooled(&mut self) -> &mut B::Pooled {
+        *self.touched.get_mut() = true;
         self.pooled
             .as_mut()
             .expect("a session is present until its guard drops")
     }
 
     fn pooled_ref(&self) -> &B::Pooled {
+        self.touched.store(true, Ordering::Relaxed);
         self.pooled
             .as_ref()
             .expect("a session is present until its guard drops")
@@ -84,6 +96,11 @@ impl<B: Backend> Drop for Session<B> {
         let Some(pooled) = self.pooled.take() else {
             return;
         };
+        if !*self.touched.get_mut() && self.pending_mark.is_empty() {
+            // Never handed out: as clean as it came from the pool.
+            drop(pooled);
+            return;
+        }
         let returning = Returning::<B> {
             pooled: Some(pooled),
         };

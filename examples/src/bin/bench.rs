@@ -1,0 +1,1315 @@
+//! `cargo xtask bench [--quick] [--json FILE]`: what routing costs per request (issue #15 part 1-2,
+//! issue #17), measured side by side with the plain driver pools on one test-kit cluster.
+//!
+//! - **Overhead**: the same point query (reads) and a one-row insert (writes) through the raw
+//!   driver pool and through the router, for sqlx (`PgPool`, its defaults but the router's pool
+//!   size) and diesel-async (bb8 with diesel-async's manager defaults, same size), at
+//!   concurrency 1 and 16. Baseline and candidate run in interleaved rounds (the order flips
+//!   every round) and each figure is the median over the rounds, so machine noise hits both.
+//!   The router is given the primary and the *same* replica the raw read pool uses.
+//! - **Breakdown**: per request, the PostgreSQL round trips (ReadyForQuery messages counted by a
+//!   small TCP proxy in front of the primary and the replica), Redis commands (Redis'
+//!   `total_commands_processed`), marks-store calls, session resets (each a spawned task) and
+//!   where the time goes (checkout, the work, the guard's drop), at concurrency 1.
+//!
+//! Writes the JSON (`--json`, default `target/bench/bench.json`) and a markdown report next to it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use routing_core::{
+    CausalToken, Consistency, InMemoryMarks, Lsn, Mark, MarksError, NodeConfig, RequestContext,
+    Router, RouterConfig, TokenCodec, TokenKey, UserKey, WriterMarks,
+};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type Res = Result<(), String>;
+/// One request of a scenario; the argument is the worker's index.
+type Op = Arc<dyn Fn(usize) -> BoxFuture<'static, Res> + Send + Sync>;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+#[derive(Clone, Copy)]
+struct Settings {
+    quick: bool,
+    rounds: usize,
+    round: Duration,
+    breakdown_requests: usize,
+}
+
+const CONCURRENCY: [usize; 2] = [1, 16];
+const POOL_SIZE: u32 = 16;
+const ROWS: i32 = 1000;
+const READ_SQL: &str = "SELECT v FROM bench_kv WHERE id = $1";
+const INSERT_SQL: &str = "INSERT INTO bench_w (v) VALUES ($1)";
+
+// ---------------------------------------------------------------------------------------------
+// Counting: where round trips and time go.
+
+/// Time spent per phase of a request (sums, ns), for the breakdown.
+#[derive(Default)]
+struct Phases {
+    requests: AtomicU64,
+    checkout: AtomicU64,
+    work: AtomicU64,
+    release: AtomicU64,
+}
+
+impl Phases {
+    fn add(&self, checkout: Duration, work: Duration, release: Duration) {
+        self.requests.fetch_add(1, Relaxed);
+        self.checkout.fetch_add(checkout.as_nanos() as u64, Relaxed);
+        self.work.fetch_add(work.as_nanos() as u64, Relaxed);
+        self.release.fetch_add(release.as_nanos() as u64, Relaxed);
+    }
+    fn mean_us(&self) -> (f64, f64, f64) {
+        let n = self.requests.load(Relaxed).max(1) as f64;
+        let us = |a: &AtomicU64| a.load(Relaxed) as f64 / n / 1000.0;
+        (us(&self.checkout), us(&self.work), us(&self.release))
+    }
+}
+
+/// Times a request's phases when the scenario has a [`Phases`] to fill.
+struct Clock(Instant, Vec<Duration>);
+impl Clock {
+    fn start() -> Self {
+        Clock(Instant::now(), Vec::with_capacity(3))
+    }
+    fn lap(&mut self) {
+        let now = Instant::now();
+        self.1.push(now - self.0);
+        self.0 = now;
+    }
+    fn record(self, phases: &Phases) {
+        if let [a, b, c] = self.1[..] {
+            phases.add(a, b, c);
+        }
+    }
+}
+
+/// A marks store that counts the calls made to the one it wraps.
+struct CountingMarks {
+    inner: Arc<dyn WriterMarks>,
+    calls: AtomicU64,
+}
+
+#[routing_core::async_trait]
+impl WriterMarks for CountingMarks {
+    async fn get(&self, user: &UserKey) -> Result<Option<Mark>, MarksError> {
+        self.calls.fetch_add(1, Relaxed);
+        self.inner.get(user).await
+    }
+    async fn set_max(&self, user: &UserKey, lsn: Lsn, ttl: Duration) -> Result<(), MarksError> {
+        self.calls.fetch_add(1, Relaxed);
+        self.inner.set_max(user, lsn, ttl).await
+    }
+}
+
+/// A TCP proxy that counts the ReadyForQuery messages PostgreSQL sends: one per round trip
+/// (each simple query and each extended-protocol Sync ends with one).
+struct CountingProxy {
+    port: u16,
+    ready: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CountingProxy {
+    async fn start(target: u16) -> Result<Self, String> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(err)?;
+        let port = listener.local_addr().map_err(err)?.port();
+        let ready = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s) = (ready.clone(), stop.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if s.load(Relaxed) {
+                    break;
+                }
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                        let _ = sw.shutdown().await;
+                    });
+                    let mut parser = ZCounter::default();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let z = parser.feed(&buf[..n]);
+                        r.fetch_add(z, Relaxed);
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = cw.shutdown().await;
+                    up.abort();
+                });
+            }
+        });
+        Ok(CountingProxy { port, ready, stop })
+    }
+    fn count(&self) -> u64 {
+        self.ready.load(Relaxed)
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        // Wake the accept loop so it sees `stop`.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Parses the server-to-client message stream (type byte, 4-byte length) and counts `Z`.
+#[derive(Default)]
+struct ZCounter {
+    started: bool,
+    header: Vec<u8>,
+    skip: usize,
+}
+
+impl ZCounter {
+    fn feed(&mut self, mut data: &[u8]) -> u64 {
+        let mut z = 0;
+        if !self.started && !data.is_empty() {
+            self.started = true;
+            // An answer to SSLRequest is one byte without a length.
+            if data[0] == b'N' || data[0] == b'S' {
+                data = &data[1..];
+            }
+        }
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            let need = 5 - self.header.len();
+            let n = need.min(data.len());
+            self.header.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.header.len() == 5 {
+                if self.header[0] == b'Z' {
+                    z += 1;
+                }
+                let len = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]) as usize;
+                self.skip = len.saturating_sub(4);
+                self.header.clear();
+            }
+        }
+        z
+    }
+}
+
+async fn redis_commands(url: &str) -> Result<u64, String> {
+    let client = redis::Client::open(url).map_err(err)?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(err)?;
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await
+        .map_err(err)?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| "no total_commands_processed in INFO".to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measuring.
+
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    p50_us: f64,
+    p99_us: f64,
+    throughput: f64,
+    ops: u64,
+}
+
+async fn measure(op: &Op, conc: usize, dur: Duration) -> Result<Sample, String> {
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut tasks = Vec::with_capacity(conc);
+    for w in 0..conc {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat: Vec<u64> = Vec::with_capacity(8192);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                op(w).await?;
+                lat.push(t.elapsed().as_nanos() as u64);
+            }
+            Ok::<_, String>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.map_err(err)??);
+    }
+    let elapsed = start.elapsed();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        if all.is_empty() {
+            0.0
+        } else {
+            all[((all.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
+        }
+    };
+    Ok(Sample {
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        throughput: all.len() as f64 / elapsed.as_secs_f64(),
+        ops: all.len() as u64,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A candidate and the baseline it is compared with.
+struct Pair {
+    backend: &'static str,
+    path: &'static str,
+    mode: &'static str,
+    baseline_name: &'static str,
+    baseline: Op,
+    candidate: Op,
+    /// Counts marks-store calls of the candidate's router.
+    marks: Option<Arc<CountingMarks>>,
+    /// `Some(url)`: the candidate uses Redis marks (count Redis commands).
+    redis: Option<String>,
+    phases: Arc<Phases>,
+}
+
+async fn run_pair(p: &Pair, conc: usize, s: &Settings) -> Result<Value, String> {
+    // Warm-up: fill the pools to this concurrency and the statement caches.
+    measure(&p.baseline, conc, s.round / 4).await?;
+    measure(&p.candidate, conc, s.round / 4).await?;
+    let (mut base, mut cand) = (Vec::new(), Vec::new());
+    let (mut marks_calls, mut redis_cmds, mut cand_ops) = (0u64, 0u64, 0u64);
+    for round in 0..s.rounds {
+        let c0 = p.marks.as_ref().map_or(0, |m| m.calls.load(Relaxed));
+        let r0 = match &p.redis {
+            Some(url) => redis_commands(url).await?,
+            None => 0,
+        };
+        let (b, c) = if round % 2 == 0 {
+            let b = measure(&p.baseline, conc, s.round).await?;
+            (b, measure(&p.candidate, conc, s.round).await?)
+        } else {
+            let c = measure(&p.candidate, conc, s.round).await?;
+            (measure(&p.baseline, conc, s.round).await?, c)
+        };
+        if let Some(url) = &p.redis {
+            // Less the INFO that took the first reading.
+            redis_cmds += redis_commands(url).await?.saturating_sub(r0 + 1);
+        }
+        marks_calls += p.marks.as_ref().map_or(0, |m| m.calls.load(Relaxed)) - c0;
+        cand_ops += c.ops;
+        base.push(b);
+        cand.push(c);
+    }
+    let ratio =
+        |f: fn(&Sample) -> f64| median(base.iter().zip(&cand).map(|(b, c)| f(c) / f(b)).collect());
+    let abs = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+    let ops = cand_ops.max(1) as f64;
+    // Every call to the Redis store is one command round trip (RedisMarks: one EVALSHA per
+    // get/set_max); the in-memory store makes none. Redis' own count of commands executed
+    // (scripts' inner commands included) is reported beside it.
+    let marks_rt = if p.redis.is_some() {
+        marks_calls as f64 / ops
+    } else {
+        0.0
+    };
+    Ok(json!({
+        "backend": p.backend,
+        "path": p.path,
+        "mode": p.mode,
+        "concurrency": conc,
+        "baseline": p.baseline_name,
+        "p50_ratio": ratio(|s| s.p50_us),
+        "p99_ratio": ratio(|s| s.p99_us),
+        "throughput_ratio": ratio(|s| s.throughput),
+        "marks_round_trips_per_request": marks_rt,
+        "marks_calls_per_request": marks_calls as f64 / ops,
+        "redis_commands_per_request": redis_cmds as f64 / ops,
+        "baseline_p50_us": abs(&base, |s| s.p50_us),
+        "baseline_p99_us": abs(&base, |s| s.p99_us),
+        "baseline_throughput": abs(&base, |s| s.throughput),
+        "p50_us": abs(&cand, |s| s.p50_us),
+        "p99_us": abs(&cand, |s| s.p99_us),
+        "throughput": abs(&cand, |s| s.throughput),
+        "rounds": s.rounds,
+        "round_ms": s.round.as_millis() as u64,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scenarios, per backend.
+
+/// What a backend provides to the benchmark: raw pools and the requests run on them and on
+/// a router.
+trait BenchBackend: Sized + 'static {
+    type B: routing_core::Backend;
+    const NAME: &'static str;
+    fn backend() -> Self::B;
+    type RawPool: Send + Sync + 'static;
+    async fn raw_pool(url: &str) -> Result<Self::RawPool, String>;
+    /// Raw read: acquire, point query, release.
+    fn raw_read(pool: Arc<Self::RawPool>, id: i32, ph: Arc<Phases>) -> BoxFuture<'static, Res>;
+    /// Raw write: acquire, insert (autocommit) or BEGIN/insert/COMMIT, release.
+    fn raw_write(pool: Arc<Self::RawPool>, tx: bool, ph: Arc<Phases>) -> BoxFuture<'static, Res>;
+    /// Routed read with this context: read_with, point query, drop.
+    fn routed_read(
+        router: Router<Self::B>,
+        ctx: Arc<RequestContext>,
+        id: i32,
+        ph: Arc<Phases>,
+    ) -> BoxFuture<'static, Res>;
+    /// Routed write: write_with, insert, finish(); or BEGIN, insert, commit().
+    fn routed_write(
+        router: Router<Self::B>,
+        ctx: Arc<RequestContext>,
+        tx: bool,
+        ph: Arc<Phases>,
+    ) -> BoxFuture<'static, Res>;
+}
+
+struct Sqlx;
+
+impl BenchBackend for Sqlx {
+    type B = routing_sqlx::SqlxBackend;
+    const NAME: &'static str = "sqlx";
+    fn backend() -> Self::B {
+        routing_sqlx::SqlxBackend::new()
+    }
+    type RawPool = sqlx::PgPool;
+    async fn raw_pool(url: &str) -> Result<sqlx::PgPool, String> {
+        // sqlx's defaults (test_before_acquire on), the router's pool size.
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .connect(url)
+            .await
+            .map_err(err)
+    }
+    fn raw_read(pool: Arc<sqlx::PgPool>, id: i32, ph: Arc<Phases>) -> BoxFuture<'static, Res> {
+        Box::pin(async move {
+            let mut clock = Clock::start();
+            let mut c = pool.acquire().await.map_err(err)?;
+            clock.lap();
+            let _: String = sqlx::query_scalar(READ_SQL)
+                .bind(id)
+                .fetch_one(&mut *c)
+                .await
+                .map_err(err)?;
+            clock.lap();
+            drop(c);
+            clock.lap();
+            clock.record(&ph);
+            Ok(())
+        })
+    }
+    fn raw_write(pool: Arc<sqlx::PgPool>, tx: bool, ph: Arc<Phases>) -> BoxFuture<'static, Res> {
+        Box::pin(async move {
+            let mut clock = Clock::start();
+            let mut c = pool.acquire().await.map_err(err)?;
+            clock.lap();
+            if tx {
+                sqlx::raw_sql("BEGIN").execute(&mut *c).await.map_err(err)?;
+            }
+            sqlx::query(INSERT_SQL)
+                .bind("x")
+                .execute(&mut *c)
+                .await
+                .map_err(err)?;
+            if tx {
+                sqlx::raw_sql("COMMIT")
+                    .execute(&mut *c)
+                    .await
+                    .map_err(err)?;
+            }
+            clock.lap();
+            drop(c);
+            clock.lap();
+            clock.record(&ph);
+            Ok(())
+        })
+    }
+    fn routed_read(
+        router: Router<Self::B>,
+        ctx: Arc<RequestContext>,
+        id: i32,
+        ph: Arc<Phases>,
+    ) -> BoxFuture<'static, Res> {
+        Box::pin(async move {
+            let mut clock = Clock::start();
+            let mut c = router.read_with(&ctx).await.map_err(err)?;
+            clock.lap();
+            let _: String = sqlx::query_scalar(READ_SQL)
+                .bind(id)
+                .fetch_one(&mut *c)
+                .await
+                .map_err(err)?;
+            clock.lap();
+            drop(c);
+            clock.lap();
+            clock.record(&ph);
+            Ok(())
+        })
+    }
+    fn routed_write(
+        router: Router<Self::B>,
+        ctx: Arc<RequestContext>,
+        tx: bool,
+        ph: Arc<Phases>,
+    ) -> BoxFuture<'static, Res> {
+        Box::pin(async move {
+            let mut clock = Clock::start();
+            let mut c = router.write_with(&ctx).await.map_err(err)?;
+            clock.lap();
+            if tx {
+                sqlx::raw_sql("BEGIN").execute(&mut *c).await.map_err(err)?;
+            }
+            sqlx::query(INSERT_SQL)
+                .bind("x")
+                .execute(&mut *c)
+                .await
+                .map_err(err)?;
+            if tx {
+                c.commit().await.map_err(err)?;
+            } else {
+                c.finish().await.map_err(err)?;
+            }
+            clock.lap();
+            clock.lap();
+            clock.record(&ph);
+            Ok(())
+        })
+    }
+}
+
+struct Diesel;
+
+#[derive(diesel::QueryableByName)]
+struct VRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    #[allow(dead_code)]
+    v: String,
+}
+
+type DieselRaw = bb8::Pool<
+    diesel_async::pooled_connection::AsyncDieselConnectionManager<diesel_async::AsyncPgConnection>,
+>;
+
+impl BenchBackend for Diesel {
+    type B = routing_diesel::DieselBackend;
+    const NAME: &'static str = "diesel";
+    fn backend() -> Self::B {
+        routing_diesel::DieselBackend::new()
+    }
+    type RawPool = DieselRaw;
+    async fn raw_pool(url: &str) -> Result<DieselRaw, String> {
+        // bb8's and diesel-async's defaults (test_on_check_out, the Verified recycle check), the
+        // router's pool size.
+        let manager = diesel_async::pooled_connection::AsyncDieselConnectionManager::<
+            diesel_async::AsyncPgConnection,
+        >::new(url);
+        bb8::Pool::builder()
+            .max_size(POOL_SIZE)
+            .build(manager)
+            .await
+            .map_err(err)
+    }
+    fn raw_read(pool: Arc<DieselRaw>, id: i32, ph: Arc<Phases>) -> BoxFuture<'static, Res> {
+        use diesel_async::RunQueryDsl;
+        Box::pin(async move {
+            let mut clock = Clock::start();
+            let mut c = pool.get().await.map_err(err)?;
+            clock.lap();
+            let _: VRow = diesel::sql_query(READ_SQL)
+                .bind::<diesel::sql_types::Integer, _>(id)
+                .get_result(&mut *c)
+                .await
+                .map_err(err)?;
+            clock.lap();
+            drop(c);
+            clock.lap();
+            clock.record(&ph);
+            Ok(())
+        })
+    }
+    fn raw_write(pool: Arc<DieselRaw>, tx: bool, ph: Arc<Phases>) -> BoxFuture<'static, Res> {
+        use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+        Box::pin(async move {
+            let mut clock = Clock::start();
+            let mut c = pool.get().await.map_err(err)?;
+            clock.lap();
+            if tx {
+                c.batch_execute("BEGIN").await.map_err(err)?;
+            }
+            diesel::sql_query(INSERT_SQL)
+                .bind::<diesel::sql_types::Text, _>("x")
+                .execute(&mut *c)
+                .await
+                .map_err(err)?;
+            if tx {
+                c.batch_execute("COMMIT").await.map_err(err)?;
+            }
+            clock.lap();
+            drop(c);
+            clock.lap();
+            clock.record(&ph);
+            Ok(())
+        })
+    }
+    fn routed_read(
+        router: Router<Self::B>,
+        ctx: Arc<RequestContext>,
+        id: i32,
+        ph: Arc<Phases>,
+    ) -> BoxFuture<'static, Res> {
+        use diesel_async::RunQueryDsl;
+        Box::pin(async move {
+            let mut clock = Clock::start();
+            let mut c = router.read_with(&ctx).await.map_err(err)?;
+            clock.lap();
+            let _: VRow = diesel::sql_query(READ_SQL)
+                .bind::<diesel::sql_types::Integer, _>(id)
+                .get_result(&mut *c)
+                .await
+                .map_err(err)?;
+            clock.lap();
+            drop(c);
+            clock.lap();
+            clock.record(&ph);
+            Ok(())
+        })
+    }
+    fn routed_write(
+        router: Router<Self::B>,
+        ctx: Arc<RequestContext>,
+        tx: bool,
+        ph: Arc<Phases>,
+    ) -> BoxFuture<'static, Res> {
+        use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+        Box::pin(async move {
+            let mut clock = Clock::start();
+            let mut c = router.write_with(&ctx).await.map_err(err)?;
+            clock.lap();
+            if tx {
+                c.batch_execute("BEGIN").await.map_err(err)?;
+            }
+            diesel::sql_query(INSERT_SQL)
+                .bind::<diesel::sql_types::Text, _>("x")
+                .execute(&mut *c)
+                .await
+                .map_err(err)?;
+            if tx {
+                c.commit().await.map_err(err)?;
+            } else {
+                c.finish().await.map_err(err)?;
+            }
+            clock.lap();
+            clock.lap();
+            clock.record(&ph);
+            Ok(())
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setting up one backend's pools and routers (directly, or through counting proxies).
+
+struct Ports {
+    primary: u16,
+    replica: u16,
+}
+
+struct Rig<K: BenchBackend> {
+    raw_read: Arc<K::RawPool>,
+    raw_write: Arc<K::RawPool>,
+    mem: Router<K::B>,
+    mem_marks: Arc<CountingMarks>,
+    redis: Router<K::B>,
+    redis_marks: Arc<CountingMarks>,
+    token: CausalToken,
+}
+
+fn with_port(url: &str, from: u16, to: u16) -> String {
+    url.replace(&format!("127.0.0.1:{from}/"), &format!("127.0.0.1:{to}/"))
+}
+
+async fn rig<K: BenchBackend>(
+    c: &routing_testkit::Cluster,
+    replica: usize,
+    ports: &Ports,
+) -> Result<Rig<K>, String> {
+    let primary = c.primary();
+    let real = |i: usize| c.node(i).port();
+    let (pp, rp) = (real(primary), real(replica));
+    let nodes: Vec<NodeConfig> = [primary, replica]
+        .into_iter()
+        .map(|i| {
+            let name = c.node(i).name().to_string();
+            let port = if i == primary {
+                ports.primary
+            } else {
+                ports.replica
+            };
+            let url = with_port(&c.writer_url(i), real(i), port);
+            let node = if i == primary {
+                NodeConfig::writer(name, url)
+            } else {
+                NodeConfig::replica(name, url)
+            };
+            // Probes go straight to the node: they are not per-request work.
+            node.reader_url(with_port(&c.reader_url(i), real(i), port))
+                .monitor_url(c.monitor_url(i))
+        })
+        .collect();
+    let raw_read =
+        Arc::new(K::raw_pool(&with_port(&c.reader_url(replica), rp, ports.replica)).await?);
+    let raw_write =
+        Arc::new(K::raw_pool(&with_port(&c.writer_url(primary), pp, ports.primary)).await?);
+    let config = RouterConfig {
+        // Marks outlive the run, so every ReadYourWrites read has one to honour.
+        mark_ttl: Duration::from_secs(3600),
+        ..RouterConfig::default()
+    };
+    let codec = || {
+        TokenCodec::new(TokenKey::new(1, "bench-secret-bench-secret-bench-secret").expect("key"))
+            .cluster("bench")
+    };
+    let mem_marks = Arc::new(CountingMarks {
+        inner: Arc::new(InMemoryMarks::default()),
+        calls: AtomicU64::new(0),
+    });
+    let redis_url = c.redis_url().ok_or("the cluster has no Redis")?;
+    let redis_store = routing_redis::RedisMarks::new(redis_url.as_str()).map_err(err)?;
+    let redis_marks = Arc::new(CountingMarks {
+        inner: Arc::new(redis_store),
+        calls: AtomicU64::new(0),
+    });
+    let build = |marks: Arc<CountingMarks>| {
+        Router::builder(K::backend())
+            .nodes(nodes.clone())
+            .config(config.clone())
+            .marks(marks)
+            .tokens(codec())
+            .build()
+    };
+    let mem = build(mem_marks.clone()).await.map_err(err)?;
+    let redis = build(redis_marks.clone()).await.map_err(err)?;
+    for r in [&mem, &redis] {
+        wait_readable(r).await?;
+    }
+    // Every worker's user has a mark in both stores; a token from a real write.
+    let mut token = None;
+    for w in 0..16 {
+        for r in [&mem, &redis] {
+            let receipt = r
+                .write_with(&RequestContext::new().user(user(w)))
+                .await
+                .map_err(err)?
+                .finish()
+                .await
+                .map_err(err)?;
+            token = Some(receipt.causal);
+        }
+    }
+    c.wait_replicated(Duration::from_secs(10)).map_err(err)?;
+    Ok(Rig {
+        raw_read,
+        raw_write,
+        mem,
+        mem_marks,
+        redis,
+        redis_marks,
+        token: token.expect("at least one write"),
+    })
+}
+
+fn user(w: usize) -> UserKey {
+    UserKey::new(format!("bench-user-{w}"))
+}
+
+async fn wait_readable<B: routing_core::Backend>(r: &Router<B>) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let on_replica = matches!(r.read().await, Ok(c) if !c.on_primary());
+        if on_replica {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err("the router never read from the replica".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn pairs<K: BenchBackend>(rig: &Rig<K>, redis_url: &str) -> Vec<Pair> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let id = || (NEXT.fetch_add(7919, Relaxed) % ROWS as u64) as i32 + 1;
+    let mut out = Vec::new();
+    let raw_read_op = |ph: Arc<Phases>| -> Op {
+        let pool = rig.raw_read.clone();
+        Arc::new(move |_w| K::raw_read(pool.clone(), id(), ph.clone()))
+    };
+    let raw_write_op = |tx: bool, ph: Arc<Phases>| -> Op {
+        let pool = rig.raw_write.clone();
+        Arc::new(move |_w| K::raw_write(pool.clone(), tx, ph.clone()))
+    };
+    let read_modes: [(&'static str, Consistency, bool, bool); 4] = [
+        ("Eventual", Consistency::Eventual, false, false),
+        ("Causal", Consistency::Causal, true, false),
+        (
+            "ReadYourWrites/memory",
+            Consistency::ReadYourWrites,
+            false,
+            false,
+        ),
+        (
+            "ReadYourWrites/redis",
+            Consistency::ReadYourWrites,
+            false,
+            true,
+        ),
+    ];
+    for (mode, consistency, with_token, redis) in read_modes {
+        let router = if redis { &rig.redis } else { &rig.mem };
+        let marks = if redis {
+            &rig.redis_marks
+        } else {
+            &rig.mem_marks
+        };
+        let ctxs: Vec<Arc<RequestContext>> = (0..16)
+            .map(|w| {
+                let mut ctx = RequestContext::new().consistency(consistency);
+                if consistency == Consistency::ReadYourWrites {
+                    ctx = ctx.user(user(w));
+                }
+                if with_token {
+                    ctx = ctx.token(rig.token);
+                }
+                Arc::new(ctx)
+            })
+            .collect();
+        let phases = Arc::new(Phases::default());
+        let (r, ph) = (router.clone(), phases.clone());
+        let candidate: Op =
+            Arc::new(move |w| K::routed_read(r.clone(), ctxs[w % 16].clone(), id(), ph.clone()));
+        out.push(Pair {
+            backend: K::NAME,
+            path: "read",
+            mode,
+            baseline_name: "raw pool, point query",
+            baseline: raw_read_op(Arc::new(Phases::default())),
+            candidate,
+            marks: Some(marks.clone()),
+            redis: redis.then(|| redis_url.to_string()),
+            phases,
+        });
+    }
+    for (mode, tx, baseline_name) in [
+        ("finish", false, "raw pool, autocommit INSERT"),
+        ("commit", true, "raw pool, BEGIN; INSERT; COMMIT"),
+    ] {
+        let ctxs: Vec<Arc<RequestContext>> = (0..16)
+            .map(|w| Arc::new(RequestContext::new().user(user(w))))
+            .collect();
+        let phases = Arc::new(Phases::default());
+        let (r, ph) = (rig.mem.clone(), phases.clone());
+        let candidate: Op =
+            Arc::new(move |w| K::routed_write(r.clone(), ctxs[w % 16].clone(), tx, ph.clone()));
+        out.push(Pair {
+            backend: K::NAME,
+            path: "write",
+            mode,
+            baseline_name,
+            baseline: raw_write_op(tx, Arc::new(Phases::default())),
+            candidate,
+            marks: Some(rig.mem_marks.clone()),
+            redis: None,
+            phases,
+        });
+    }
+    out
+}
+
+/// Round trips, Redis commands, marks calls and resets per request, at concurrency 1, through
+/// counting proxies; then the phase times from the unproxied concurrency-1 runs.
+async fn breakdown<K: BenchBackend>(
+    c: &routing_testkit::Cluster,
+    replica: usize,
+    s: &Settings,
+    timed: &[Pair],
+) -> Result<Vec<Value>, String> {
+    let redis_url = c.redis_url().ok_or("no redis")?;
+    let pp = CountingProxy::start(c.node(c.primary()).port()).await?;
+    let rp = CountingProxy::start(c.node(replica).port()).await?;
+    let rig = rig::<K>(
+        c,
+        replica,
+        &Ports {
+            primary: pp.port,
+            replica: rp.port,
+        },
+    )
+    .await?;
+    let n = s.breakdown_requests;
+    let mut out = Vec::new();
+    for (pair, timed) in pairs::<K>(&rig, &redis_url).iter().zip(timed) {
+        for (side, op) in [("baseline", &pair.baseline), ("candidate", &pair.candidate)] {
+            // Warm: a connection in each pool, statements prepared.
+            for _ in 0..20 {
+                op(0).await?;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let router = match (side, pair.redis.is_some()) {
+                ("baseline", _) => None,
+                (_, true) => Some(&rig.redis),
+                (_, false) => Some(&rig.mem),
+            };
+            let stats0 = router.map(|r| r.stats());
+            let (p0, r0) = (pp.count(), rp.count());
+            let m0 = pair.marks.as_ref().map_or(0, |m| m.calls.load(Relaxed));
+            let redis0 = redis_commands(&redis_url).await?;
+            for _ in 0..n {
+                op(0).await?;
+            }
+            // Resets run after the request returned: let them land before counting.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let redis1 = redis_commands(&redis_url).await?;
+            let per = |x: u64| x as f64 / n as f64;
+            let mut row = json!({
+                "backend": pair.backend,
+                "path": pair.path,
+                "mode": pair.mode,
+                "side": side,
+                "requests": n,
+                "primary_round_trips_per_request": per(pp.count() - p0),
+                "replica_round_trips_per_request": per(rp.count() - r0),
+                "redis_commands_per_request": if side == "candidate" && pair.redis.is_some() { per(redis1.saturating_sub(redis0 + 1)) } else { 0.0 },
+            });
+            if let (Some(r), Some(s0)) = (router, stats0) {
+                let s1 = r.stats();
+                let m1 = pair.marks.as_ref().map_or(0, |m| m.calls.load(Relaxed));
+                row["marks_calls_per_request"] = json!(per(m1 - m0));
+                row["session_resets_per_request"] = json!(per((s1.sessions_reset
+                    + s1.sessions_discarded)
+                    - (s0.sessions_reset + s0.sessions_discarded)));
+                row["lsn_waits_per_request"] = json!(per(s1.lsn_waits - s0.lsn_waits));
+                row["primary_reads_per_request"] = json!(per(s1.reads_primary - s0.reads_primary));
+            }
+            let phases = if side == "baseline" {
+                None
+            } else {
+                Some(&timed.phases)
+            };
+            if let Some(ph) = phases {
+                let (a, b, c) = ph.mean_us();
+                row["checkout_us"] = json!(a);
+                row["work_us"] = json!(b);
+                row["release_us"] = json!(c);
+            }
+            out.push(row);
+        }
+    }
+    for r in [&rig.mem, &rig.redis] {
+        r.shutdown();
+    }
+    Ok(out)
+}
+
+/// The raw pools' own phase times (c=1) for the breakdown's baseline rows.
+async fn baseline_phases<K: BenchBackend>(rig: &Rig<K>, n: usize) -> Result<Vec<Value>, String> {
+    let mut out = Vec::new();
+    for (path, tx) in [("read", false), ("write", false), ("write_tx", true)] {
+        let ph = Arc::new(Phases::default());
+        for i in 0..n {
+            if path == "read" {
+                K::raw_read(rig.raw_read.clone(), (i as i32 % ROWS) + 1, ph.clone()).await?;
+            } else {
+                K::raw_write(rig.raw_write.clone(), tx, ph.clone()).await?;
+            }
+        }
+        let (a, b, c) = ph.mean_us();
+        out.push(json!({"backend": K::NAME, "path": path, "side": "baseline",
+            "checkout_us": a, "work_us": b, "release_us": c}));
+    }
+    Ok(out)
+}
+
+async fn bench_backend<K: BenchBackend>(
+    c: &routing_testkit::Cluster,
+    replica: usize,
+    s: &Settings,
+    overhead: &mut Vec<Value>,
+    breakdown_rows: &mut Vec<Value>,
+) -> Result<(), String> {
+    let redis_url = c.redis_url().ok_or("no redis")?;
+    let direct = Ports {
+        primary: c.node(c.primary()).port(),
+        replica: c.node(replica).port(),
+    };
+    let rig = rig::<K>(c, replica, &direct).await?;
+    let mut pairs = pairs::<K>(&rig, &redis_url);
+    for &conc in &CONCURRENCY {
+        for p in &pairs {
+            let row = run_pair(p, conc, s).await?;
+            eprintln!(
+                "{:<7} {:<5} {:<22} c={:<2} p50 {:>7.1}/{:>7.1} us ({:.2}x)  tput {:>8.0}/{:>8.0} ({:.2}x)",
+                p.backend,
+                p.path,
+                p.mode,
+                conc,
+                row["p50_us"].as_f64().unwrap_or(0.0),
+                row["baseline_p50_us"].as_f64().unwrap_or(0.0),
+                row["p50_ratio"].as_f64().unwrap_or(0.0),
+                row["throughput"].as_f64().unwrap_or(0.0),
+                row["baseline_throughput"].as_f64().unwrap_or(0.0),
+                row["throughput_ratio"].as_f64().unwrap_or(0.0),
+            );
+            overhead.push(row);
+        }
+        if conc == 1 {
+            // The breakdown's phase times are the concurrency-1 runs': keep a copy of their sums
+            // (the scenarios' closures go on adding to the originals).
+            for p in &mut pairs {
+                let keep = Phases::default();
+                for (to, from) in [
+                    (&keep.requests, &p.phases.requests),
+                    (&keep.checkout, &p.phases.checkout),
+                    (&keep.work, &p.phases.work),
+                    (&keep.release, &p.phases.release),
+                ] {
+                    to.store(from.load(Relaxed), Relaxed);
+                }
+                p.phases = Arc::new(keep);
+            }
+        }
+    }
+    breakdown_rows.extend(baseline_phases::<K>(&rig, s.breakdown_requests).await?);
+    for r in [&rig.mem, &rig.redis] {
+        r.shutdown();
+    }
+    drop(rig);
+    breakdown_rows.extend(breakdown::<K>(c, replica, s, &pairs).await?);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report.
+
+fn markdown(doc: &Value) -> String {
+    let mut md = String::new();
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    md.push_str("# Hot-path benchmark\n\n");
+    md.push_str(&format!(
+        "- date: {}\n- command: `{}`\n- machine: {}\n- rounds: {} of {} ms per side, interleaved; figures are medians over rounds\n\n",
+        doc["date"].as_str().unwrap_or(""),
+        doc["command"].as_str().unwrap_or(""),
+        doc["machine"].as_str().unwrap_or(""),
+        doc["settings"]["rounds"],
+        doc["settings"]["round_ms"],
+    ));
+    md.push_str("## Overhead against the raw driver pool\n\n");
+    md.push_str("| backend | path | mode | c | p50 us (raw) | p50 ratio | p99 us (raw) | p99 ratio | req/s (raw) | throughput ratio | marks RT/req |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in doc["overhead"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {:.0} ({:.0}) | {:.2} | {:.0} ({:.0}) | {:.2} | {:.0} ({:.0}) | {:.2} | {:.2} |\n",
+            r["backend"].as_str().unwrap_or(""),
+            r["path"].as_str().unwrap_or(""),
+            r["mode"].as_str().unwrap_or(""),
+            r["concurrency"],
+            f(r, "p50_us"),
+            f(r, "baseline_p50_us"),
+            f(r, "p50_ratio"),
+            f(r, "p99_us"),
+            f(r, "baseline_p99_us"),
+            f(r, "p99_ratio"),
+            f(r, "throughput"),
+            f(r, "baseline_throughput"),
+            f(r, "throughput_ratio"),
+            f(r, "marks_round_trips_per_request"),
+        ));
+    }
+    md.push_str("\n## Breakdown per request (concurrency 1)\n\n");
+    md.push_str("Round trips are ReadyForQuery messages counted by a proxy; resets are the router's session resets (each one spawned task and one round trip after the request); times are means from the unproxied c=1 runs.\n\n");
+    md.push_str("| backend | path | mode | side | primary RT | replica RT | Redis cmds | marks calls | resets | checkout us | work us | release us |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let g = |v: &Value, k: &str| {
+        v.get(k)
+            .and_then(Value::as_f64)
+            .map_or("-".to_string(), |x| format!("{x:.2}"))
+    };
+    for r in doc["breakdown"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r["backend"].as_str().unwrap_or(""),
+            r["path"].as_str().unwrap_or(""),
+            r["mode"].as_str().unwrap_or("raw"),
+            r["side"].as_str().unwrap_or(""),
+            g(r, "primary_round_trips_per_request"),
+            g(r, "replica_round_trips_per_request"),
+            g(r, "redis_commands_per_request"),
+            g(r, "marks_calls_per_request"),
+            g(r, "session_resets_per_request"),
+            g(r, "checkout_us"),
+            g(r, "work_us"),
+            g(r, "release_us"),
+        ));
+    }
+    md
+}
+
+/// Every field a consumer of the JSON relies on; `--quick` checks them.
+fn check_fields(doc: &Value) -> Result<(), String> {
+    const OVERHEAD: [&str; 14] = [
+        "backend",
+        "path",
+        "mode",
+        "concurrency",
+        "p50_ratio",
+        "p99_ratio",
+        "throughput_ratio",
+        "marks_round_trips_per_request",
+        "p50_us",
+        "p99_us",
+        "throughput",
+        "baseline_p50_us",
+        "baseline_p99_us",
+        "baseline_throughput",
+    ];
+    let rows = doc["overhead"].as_array().ok_or("no overhead list")?;
+    let mut seen = BTreeMap::new();
+    for r in rows {
+        for k in OVERHEAD {
+            if r.get(k).is_none_or(Value::is_null) {
+                return Err(format!("overhead row without {k}: {r}"));
+            }
+        }
+        for k in ["p50_ratio", "p99_ratio", "throughput_ratio"] {
+            let v = r[k].as_f64().unwrap_or(f64::NAN);
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("overhead row with {k} = {v}: {r}"));
+            }
+        }
+        *seen
+            .entry((
+                r["backend"].to_string(),
+                r["path"].to_string(),
+                r["concurrency"].to_string(),
+            ))
+            .or_insert(0) += 1;
+    }
+    // 2 backends x (read, write) x 2 concurrencies; 4 read modes and 2 write modes each.
+    if seen.len() != 8 {
+        return Err(format!(
+            "expected 8 (backend, path, c) groups, got {seen:?}"
+        ));
+    }
+    let bd = doc["breakdown"].as_array().ok_or("no breakdown list")?;
+    if bd.is_empty() {
+        return Err("empty breakdown".into());
+    }
+    for r in bd.iter().filter(|r| r["side"] == "candidate") {
+        for k in [
+            "primary_round_trips_per_request",
+            "replica_round_trips_per_request",
+            "redis_commands_per_request",
+            "marks_calls_per_request",
+            "session_resets_per_request",
+            "checkout_us",
+            "work_us",
+            "release_us",
+        ] {
+            if r.get(k).is_none_or(Value::is_null) {
+                return Err(format!("breakdown row without {k}: {r}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn usage() -> ! {
+    eprintln!("usage: bench [--quick] [--json FILE]");
+    std::process::exit(2)
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_default();
+    format!("{cpus} CPUs ({model}), {mem}; PostgreSQL, client and Redis share the machine")
+}
+
+fn now_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[allow(clippy::print_stdout)]
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut quick = false;
+    let mut json_path = String::from("target/bench/bench.json");
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--json" => json_path = args.next().unwrap_or_else(|| usage()),
+            _ => usage(),
+        }
+    }
+    let settings = if quick {
+        Settings {
+            quick,
+            rounds: 3,
+            round: Duration::from_millis(200),
+            breakdown_requests: 50,
+        }
+    } else {
+        Settings {
+            quick,
+            rounds: 7,
+            round: Duration::from_millis(1000),
+            breakdown_requests: 300,
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let started = Instant::now();
+    let cluster = routing_testkit::ClusterBuilder::new()
+        .replicas(2)
+        .with_redis(true)
+        .start()
+        .unwrap_or_else(|e| {
+            eprintln!("bench: cannot start the cluster: {e}");
+            std::process::exit(1)
+        });
+    let setup = format!(
+        "CREATE TABLE bench_kv (id int PRIMARY KEY, v text NOT NULL); \
+         INSERT INTO bench_kv SELECT g, md5(g::text) FROM generate_series(1, {ROWS}) g; \
+         CREATE TABLE bench_w (id bigserial PRIMARY KEY, v text NOT NULL); \
+         GRANT SELECT ON bench_kv, bench_w TO {r}; \
+         GRANT SELECT, INSERT ON bench_kv, bench_w TO {w}; \
+         GRANT USAGE ON SEQUENCE bench_w_id_seq TO {w}; \
+         ANALYZE bench_kv",
+        r = routing_testkit::READER_ROLE,
+        w = routing_testkit::WRITER_ROLE,
+    );
+    if let Err(e) = cluster.psql(cluster.primary(), &setup) {
+        eprintln!("bench: setup failed: {e}");
+        std::process::exit(1);
+    }
+    let _ = cluster.wait_replicated(Duration::from_secs(10));
+    let replica = (0..cluster.nodes().len())
+        .find(|&i| i != cluster.primary())
+        .expect("a replica");
+    let result: Result<(Vec<Value>, Vec<Value>), String> = rt.block_on(async {
+        let (mut overhead, mut breakdown) = (Vec::new(), Vec::new());
+        bench_backend::<Sqlx>(&cluster, replica, &settings, &mut overhead, &mut breakdown).await?;
+        bench_backend::<Diesel>(&cluster, replica, &settings, &mut overhead, &mut breakdown)
+            .await?;
+        Ok((overhead, breakdown))
+    });
+    drop(rt);
+    drop(cluster);
+    let (overhead, breakdown) = result.unwrap_or_else(|e| {
+        eprintln!("bench: {e}");
+        std::process::exit(1)
+    });
+    let command = format!(
+        "cargo xtask bench{}",
+        if settings.quick { " --quick" } else { "" }
+    );
+    let doc = json!({
+        "date": now_utc(),
+        "command": command,
+        "machine": machine(),
+        "settings": {"quick": settings.quick, "rounds": settings.rounds,
+            "round_ms": settings.round.as_millis() as u64,
+            "breakdown_requests": settings.breakdown_requests,
+            "pool_size": POOL_SIZE, "concurrency": CONCURRENCY},
+        "overhead": overhead,
+        "breakdown": breakdown,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+    });
+    let path = std::path::Path::new(&json_path);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let text = serde_json::to_string_pretty(&doc).expect("json");
+    let md_path = path.with_extension("md");
+    if let Err(e) =
+        std::fs::write(path, text).and_then(|()| std::fs::write(&md_path, markdown(&doc)))
+    {
+        eprintln!("bench: cannot write {}: {e}", path.display());
+        std::process::exit(1);
+    }
+    println!(
+        "bench: wrote {} and {} in {:.0} s",
+        path.display(),
+        md_path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if let Err(e) = check_fields(&doc) {
+        eprintln!("bench: the JSON is incomplete: {e}");
+        std::process::exit(1);
+    }
+}
