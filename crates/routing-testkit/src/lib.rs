@@ -19,6 +19,8 @@ mod bins;
 mod cleanup;
 mod cluster;
 mod error;
+#[cfg(feature = "ha")]
+pub mod ha;
 mod ports;
 mod proc;
 mod proxy;
@@ -28,4 +30,6 @@ pub use cluster::{
     READER_ROLE, WRITER_PASSWORD, WRITER_ROLE, shared,
 };
 pub use error::KitError;
+#[cfg(feature = "ha")]
+pub use ha::{HaBuilder, HaStack, MemberState};
 pub use proxy::{FaultProxy, ProxyMode};
