@@ -2,3 +2,4 @@
 //! (`cargo xtask demo`). Not published.
 
 pub mod chaos;
+pub mod ha;

@@ -1,0 +1,586 @@
+//! The HA workload behind `cargo xtask ha`: the router on a real etcd + Patroni + HAProxy stack
+//! ([`routing_testkit::HaStack`]).
+//!
+//! In each configuration ((a) HAProxy's writer and reader frontends, (b) the three members listed
+//! directly) workers write and make read-after-write pairs in `ReadYourWrites` and `Causal` (the
+//! read by another client holding only the writer's token), with an `Eventual` control, while
+//! the stack goes through a planned switchover, a crash of the leader's postmaster (Patroni
+//! restarts it in place) and the loss of the whole leader (Patroni and PostgreSQL killed
+//! together; restarted afterwards). Each round measures the time from the fault to the first
+//! write a new primary accepts (a probe loop with connections of its own, straight to the
+//! members), then to the router's first acknowledged write on that new server, and counts failed
+//! requests, stale reads and acknowledged writes missing from the final primary.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use routing_core::{
+    Backend, Consistency, RequestContext, Router, RouterConfig, TokenCodec, TokenKey,
+};
+use routing_sqlx::SqlxBackend;
+use routing_testkit::HaStack;
+use serde::Serialize;
+use sqlx::Connection;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How the router reaches the stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Config {
+    /// (a) HAProxy's writer frontend and its reader frontend (a load-balanced replica node).
+    Haproxy,
+    /// (b) The three members listed directly; the monitor finds the primary.
+    Direct,
+}
+
+impl Config {
+    /// Both, in run order.
+    pub const ALL: [Config; 2] = [Config::Haproxy, Config::Direct];
+
+    /// Name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Config::Haproxy => "haproxy",
+            Config::Direct => "direct",
+        }
+    }
+}
+
+/// A fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
+    /// `patronictl switchover --force` to Patroni's choice (the synchronous standby).
+    Switchover,
+    /// SIGKILL to the leader's postmaster; Patroni restarts it in place.
+    PostmasterCrash,
+    /// The leader's Patroni and every PostgreSQL process of it SIGKILLed together; the member is
+    /// restarted after the round so the next one has three members again.
+    LeaderLoss,
+}
+
+impl Round {
+    /// Every fault, in run order.
+    pub const ALL: [Round; 3] = [Round::Switchover, Round::PostmasterCrash, Round::LeaderLoss];
+
+    /// Name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Round::Switchover => "switchover",
+            Round::PostmasterCrash => "postmaster_crash",
+            Round::LeaderLoss => "leader_loss",
+        }
+    }
+}
+
+/// How big a run is.
+#[derive(Debug, Clone)]
+pub struct HaOptions {
+    /// Configurations to run.
+    pub configs: Vec<Config>,
+    /// Faults, each run `repeats` times per configuration.
+    pub rounds: Vec<Round>,
+    /// Runs of each fault per configuration.
+    pub repeats: usize,
+    /// Workload before the fault.
+    pub steady: Duration,
+    /// Workload after the router's first write on the new primary.
+    pub settle: Duration,
+    /// Workers per mode (`ReadYourWrites`, `Causal`, `Eventual`), plus one that only writes.
+    pub workers_per_mode: usize,
+}
+
+impl HaOptions {
+    /// The full run: every fault twice per configuration.
+    pub fn full() -> Self {
+        HaOptions {
+            configs: Config::ALL.to_vec(),
+            rounds: Round::ALL.to_vec(),
+            repeats: 2,
+            steady: Duration::from_secs(3),
+            settle: Duration::from_secs(2),
+            workers_per_mode: 2,
+        }
+    }
+
+    /// `--quick`: every fault once per configuration, shorter phases.
+    pub fn quick() -> Self {
+        HaOptions {
+            repeats: 1,
+            steady: Duration::from_millis(1500),
+            settle: Duration::from_secs(1),
+            ..Self::full()
+        }
+    }
+}
+
+/// One (configuration, round). Field names are the `--json` format.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    /// `haproxy` or `direct`.
+    pub config: String,
+    /// `switchover`, `postmaster_crash` or `leader_loss`.
+    pub round: String,
+    /// 1-based repetition of this fault in this configuration.
+    pub repeat: usize,
+    /// Fault → the first write a new primary accepted (probed directly). `None`: none within
+    /// the round's limit.
+    pub primary_ready_ms: Option<u64>,
+    /// Then → the router's first acknowledged write on that new primary (0 when the router got
+    /// there first). `None`: none within the round's limit.
+    pub router_write_ms: Option<u64>,
+    /// Requests (writes, pairs) that returned an error or took too long.
+    pub failed_requests: u64,
+    /// Stale reads in the protected modes (`ReadYourWrites`, `Causal`).
+    pub stale_reads: u64,
+    /// Stale reads in `ReadYourWrites`.
+    pub stale_ryw: u64,
+    /// Stale reads in `Causal`.
+    pub stale_causal: u64,
+    /// Stale reads in the unprotected `Eventual` control.
+    pub eventual_stale_reads: u64,
+    /// Reads made by the `Eventual` control.
+    pub eventual_reads: u64,
+    /// Acknowledged writes whose id is missing on the final primary.
+    pub lost_acked_writes: u64,
+    /// Acknowledged writes in the round.
+    pub acked_writes: u64,
+    /// Requests attempted.
+    pub ops: u64,
+    /// The leader before the fault and after it (Patroni member names).
+    pub old_leader: String,
+    /// The member that accepted the first probe write after the fault.
+    pub new_leader: String,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    ops: AtomicU64,
+    failed: AtomicU64,
+    stale_ryw: AtomicU64,
+    stale_causal: AtomicU64,
+    stale_eventual: AtomicU64,
+    eventual_reads: AtomicU64,
+}
+
+/// Acknowledged writes of a round: id, when the ack came, and the server (`port/start time`).
+#[derive(Debug, Default)]
+struct Acks(Mutex<Vec<(i64, Instant, String)>>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    ReadYourWrites,
+    Causal,
+    Eventual,
+    WriteOnly,
+}
+
+const REQUEST_LIMIT: Duration = Duration::from_secs(10);
+const READY_LIMIT: Duration = Duration::from_secs(60);
+const HEALTHY_LIMIT: Duration = Duration::from_secs(120);
+/// The server identity a write landed on: a switchover changes the port, a restart the start time.
+const IDENTITY: &str = "inet_server_port()::text || '/' || pg_postmaster_start_time()::text";
+/// The direct probe's write, returning [`IDENTITY`].
+const PROBE_WRITE: &str = "INSERT INTO ha_probe DEFAULT VALUES \
+     RETURNING inet_server_port()::text || '/' || pg_postmaster_start_time()::text";
+
+/// The router's configuration: defaults, with a one-second lag bound.
+pub fn router_config() -> RouterConfig {
+    crate::chaos::checker_config()
+}
+
+/// Starts the stack, runs every configuration and round, stops the stack; `progress` is called
+/// after each round.
+pub async fn run(
+    opts: &HaOptions,
+    mut progress: impl FnMut(&RoundReport),
+) -> Result<Vec<RoundReport>, BoxError> {
+    let started = Instant::now();
+    let ha =
+        Arc::new(tokio::task::spawn_blocking(|| HaStack::builder().members(3).start()).await??);
+    println!(
+        "HA stack up in {:.1} s: etcd :{}, members {}, HAProxy writer :{} reader :{} (dir {})",
+        started.elapsed().as_secs_f64(),
+        ha.etcd_port(),
+        ha.members()
+            .iter()
+            .map(|m| format!("{} :{} (REST :{})", m.name(), m.port(), m.rest_port()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        ha.writer_port(),
+        ha.reader_port(),
+        ha.dir().display()
+    );
+    let result = run_on(&ha, opts, &mut progress).await;
+    let stack = ha.clone();
+    drop(ha);
+    // Stop everything before returning, whatever happened (drop does it too, but explicitly
+    // here so the leftover check right after us finds nothing).
+    tokio::task::spawn_blocking(move || stack.stop()).await?;
+    result
+}
+
+async fn blocking<T: Send + 'static>(
+    ha: &Arc<HaStack>,
+    f: impl FnOnce(&HaStack) -> Result<T, routing_testkit::KitError> + Send + 'static,
+) -> Result<T, BoxError> {
+    let ha = ha.clone();
+    Ok(tokio::task::spawn_blocking(move || f(&ha)).await??)
+}
+
+async fn run_on(
+    ha: &Arc<HaStack>,
+    opts: &HaOptions,
+    progress: &mut impl FnMut(&RoundReport),
+) -> Result<Vec<RoundReport>, BoxError> {
+    let leader = blocking(ha, |h| h.wait_healthy(HEALTHY_LIMIT)).await?;
+    blocking(ha, move |h| {
+        h.psql(
+            leader,
+            "CREATE TABLE ha_log (id bigint PRIMARY KEY, user_id int NOT NULL, val bigint NOT NULL); \
+             CREATE TABLE ha_users (user_id int PRIMARY KEY, val bigint NOT NULL); \
+             CREATE TABLE ha_probe (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())",
+        )
+    })
+    .await?;
+    let next_id = Arc::new(AtomicI64::new(1));
+    let mut reports = Vec::new();
+    let mut all_acked: Vec<i64> = Vec::new();
+    let mut seq = 0i64;
+    for &config in &opts.configs {
+        let nodes = match config {
+            Config::Haproxy => ha.haproxy_node_configs(),
+            Config::Direct => ha.direct_node_configs(),
+        };
+        let router = Router::builder(SqlxBackend::new())
+            .nodes(nodes)
+            .config(router_config())
+            .tokens(
+                TokenCodec::new(TokenKey::new(1, "ha-workload-key-0123456789abcdef")?)
+                    .cluster(ha.scope()),
+            )
+            .build()
+            .await?;
+        for repeat in 1..=opts.repeats {
+            for &round in &opts.rounds {
+                seq += 1;
+                let (report, acked) =
+                    run_round(ha, &router, opts, config, round, repeat, seq, &next_id).await?;
+                all_acked.extend(acked);
+                progress(&report);
+                reports.push(report);
+            }
+        }
+        router.shutdown();
+    }
+    // Every acknowledged write of the whole run, on the final primary.
+    let leader = blocking(ha, |h| h.wait_healthy(HEALTHY_LIMIT)).await?;
+    let missing = missing_ids(ha.members()[leader].port(), &all_acked).await?;
+    println!(
+        "final check: {} acknowledged writes of the whole run, {} missing on the final primary {}",
+        all_acked.len(),
+        missing,
+        ha.members()[leader].name()
+    );
+    if missing > 0 {
+        return Err(format!("{missing} acknowledged writes missing on the final primary").into());
+    }
+    Ok(reports)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_round(
+    ha: &Arc<HaStack>,
+    router: &Router<SqlxBackend>,
+    opts: &HaOptions,
+    config: Config,
+    round: Round,
+    repeat: usize,
+    seq: i64,
+    next_id: &Arc<AtomicI64>,
+) -> Result<(RoundReport, Vec<i64>), BoxError> {
+    let leader = blocking(ha, |h| h.wait_healthy(HEALTHY_LIMIT)).await?;
+    let old_identity = blocking(ha, move |h| h.psql(leader, &format!("SELECT {IDENTITY}"))).await?;
+    // The router must be writing before the fault, or the round measures its start-up.
+    let deadline = Instant::now() + READY_LIMIT;
+    while probe_router_write(router).await.is_err() {
+        if Instant::now() > deadline {
+            return Err("the router did not write before the fault".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let counters = Arc::new(Counters::default());
+    let acks: Arc<Acks> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    let modes = [Mode::ReadYourWrites, Mode::Causal, Mode::Eventual];
+    let mut w = 0i64;
+    for mode in modes
+        .iter()
+        .flat_map(|m| std::iter::repeat_n(*m, opts.workers_per_mode))
+        .chain([Mode::WriteOnly])
+    {
+        let users: Vec<i64> = (0..8).map(|u| seq * 100_000 + w * 100 + u).collect();
+        w += 1;
+        workers.push(tokio::spawn(worker(
+            router.clone(),
+            mode,
+            users,
+            next_id.clone(),
+            counters.clone(),
+            acks.clone(),
+            stop.clone(),
+        )));
+    }
+    tokio::time::sleep(opts.steady).await;
+
+    // The fault, with the direct write probe running from the moment it starts.
+    let ports: Vec<u16> = ha.members().iter().map(|m| m.port()).collect();
+    let fault_at = Instant::now();
+    let probe = tokio::spawn(probe_new_primary(ports, old_identity.clone()));
+    match round {
+        Round::Switchover => blocking(ha, |h| h.switchover(None)).await?,
+        Round::PostmasterCrash => blocking(ha, move |h| h.crash_postmaster(leader)).await?,
+        Round::LeaderLoss => blocking(ha, move |h| h.kill_member(leader)).await?,
+    }
+    let ready = probe.await?;
+    let (primary_ready, new_identity) = match &ready {
+        Some((at, id)) => (Some(*at), id.clone()),
+        None => (None, String::new()),
+    };
+    // The router's first acknowledged write on the new server.
+    let mut router_write: Option<Instant> = None;
+    if let Some(ready_at) = primary_ready {
+        let deadline = ready_at + READY_LIMIT;
+        while router_write.is_none() && Instant::now() < deadline {
+            router_write = acks
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|(_, _, id)| *id == new_identity)
+                .map(|(_, at, _)| *at)
+                .min();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    tokio::time::sleep(opts.settle).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await?;
+    }
+    if round == Round::LeaderLoss {
+        blocking(ha, move |h| h.restart_member(leader)).await?;
+    }
+    let final_leader = blocking(ha, |h| h.wait_healthy(HEALTHY_LIMIT)).await?;
+    let acked: Vec<i64> = acks
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(id, _, _)| *id)
+        .collect();
+    let lost = missing_ids(ha.members()[final_leader].port(), &acked).await?;
+    let new_port: Option<u16> = new_identity.split('/').next().and_then(|p| p.parse().ok());
+    let name_of = |port: Option<u16>| {
+        ha.members()
+            .iter()
+            .find(|m| Some(m.port()) == port)
+            .map(|m| m.name().to_string())
+            .unwrap_or_default()
+    };
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let c = &counters;
+    let (ryw, causal) = (
+        c.stale_ryw.load(Ordering::Relaxed),
+        c.stale_causal.load(Ordering::Relaxed),
+    );
+    let report = RoundReport {
+        config: config.name().into(),
+        round: round.name().into(),
+        repeat,
+        primary_ready_ms: primary_ready.map(|t| ms(t - fault_at)),
+        router_write_ms: match (primary_ready, router_write) {
+            (Some(p), Some(r)) => Some(ms(r.saturating_duration_since(p))),
+            _ => None,
+        },
+        failed_requests: c.failed.load(Ordering::Relaxed),
+        stale_reads: ryw + causal,
+        stale_ryw: ryw,
+        stale_causal: causal,
+        eventual_stale_reads: c.stale_eventual.load(Ordering::Relaxed),
+        eventual_reads: c.eventual_reads.load(Ordering::Relaxed),
+        lost_acked_writes: lost,
+        acked_writes: acked.len() as u64,
+        ops: c.ops.load(Ordering::Relaxed),
+        old_leader: ha.members()[leader].name().into(),
+        new_leader: name_of(new_port),
+    };
+    Ok((report, acked))
+}
+
+/// Fresh connections straight to every member, one write each, every 20 ms, until a write
+/// commits on a server other than `old` (another member, or the same one restarted). Returns
+/// when that commit returned, and the server's identity. A write that waits (a synchronous
+/// commit without a standby yet) does not hold up attempts on the others.
+async fn probe_new_primary(ports: Vec<u16>, old: String) -> Option<(Instant, String)> {
+    let found: Arc<Mutex<Option<(Instant, String)>>> = Arc::default();
+    let deadline = Instant::now() + READY_LIMIT;
+    let in_flight: Arc<Mutex<HashSet<u16>>> = Arc::default();
+    while Instant::now() < deadline {
+        if let Some(f) = found.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Some(f);
+        }
+        for &port in &ports {
+            if !in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(port)
+            {
+                continue;
+            }
+            let (found, in_flight, old) = (found.clone(), in_flight.clone(), old.clone());
+            tokio::spawn(async move {
+                let attempt = async {
+                    let mut conn = sqlx::PgConnection::connect(&HaStack::superuser_url(port))
+                        .await
+                        .ok()?;
+                    let id: String = sqlx::query_scalar(PROBE_WRITE)
+                        .fetch_one(&mut conn)
+                        .await
+                        .ok()?;
+                    let _ = conn.close().await;
+                    Some(id)
+                };
+                if let Ok(Some(id)) = tokio::time::timeout(Duration::from_secs(3), attempt).await
+                    && id != old
+                {
+                    let now = Instant::now();
+                    let mut f = found.lock().unwrap_or_else(|e| e.into_inner());
+                    if f.as_ref().is_none_or(|(at, _)| now < *at) {
+                        *f = Some((now, id));
+                    }
+                }
+                in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&port);
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+async fn probe_router_write(router: &Router<SqlxBackend>) -> Result<(), routing_core::Error> {
+    let mut w = router.write().await?;
+    let done =
+        <SqlxBackend as Backend>::execute(w.pooled(), "INSERT INTO ha_probe DEFAULT VALUES").await;
+    w.check_backend(done)?;
+    w.finish().await?;
+    Ok(())
+}
+
+/// How many of `ids` are missing from `ha_log` on the server at `port`.
+async fn missing_ids(port: u16, ids: &[i64]) -> Result<u64, BoxError> {
+    let mut conn = sqlx::PgConnection::connect(&HaStack::superuser_url(port)).await?;
+    let stored: Vec<i64> = sqlx::query_scalar("SELECT id FROM ha_log WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(&mut conn)
+        .await?;
+    let _ = conn.close().await;
+    let stored: HashSet<i64> = stored.into_iter().collect();
+    Ok(ids.iter().filter(|id| !stored.contains(id)).count() as u64)
+}
+
+async fn worker(
+    router: Router<SqlxBackend>,
+    mode: Mode,
+    users: Vec<i64>,
+    next_id: Arc<AtomicI64>,
+    counters: Arc<Counters>,
+    acks: Arc<Acks>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut vals = vec![0i64; users.len()];
+    let mut i = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        let k = i % users.len();
+        i += 1;
+        vals[k] += 1;
+        let (user, val) = (users[k], vals[k]);
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        counters.ops.fetch_add(1, Ordering::Relaxed);
+        let outcome =
+            tokio::time::timeout(REQUEST_LIMIT, request(&router, mode, user, val, id, &acks)).await;
+        if mode == Mode::Eventual && matches!(outcome, Ok(Ok(_))) {
+            counters.eventual_reads.fetch_add(1, Ordering::Relaxed);
+        }
+        match outcome {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                let c = match mode {
+                    Mode::ReadYourWrites => &counters.stale_ryw,
+                    Mode::Causal => &counters.stale_causal,
+                    _ => &counters.stale_eventual,
+                };
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(_)) | Err(_) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                // Don't spin while there is no primary.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+/// One write (id `id`, setting `user`'s value to `val`), then for the pair modes a read of that
+/// value; `Ok(false)` when the read was stale.
+async fn request(
+    router: &Router<SqlxBackend>,
+    mode: Mode,
+    user: i64,
+    val: i64,
+    id: i64,
+    acks: &Acks,
+) -> Result<bool, routing_core::Error> {
+    let writer_ctx = RequestContext::new()
+        .user(user.to_string())
+        .consistency(Consistency::ReadYourWrites);
+    let mut w = router.write_with(&writer_ctx).await?;
+    let sql = format!(
+        "WITH l AS (INSERT INTO ha_log (id, user_id, val) VALUES ({id}, {user}, {val})), \
+         u AS (INSERT INTO ha_users (user_id, val) VALUES ({user}, {val}) \
+               ON CONFLICT (user_id) DO UPDATE SET val = EXCLUDED.val) \
+         SELECT {IDENTITY} AS v"
+    );
+    let done = <SqlxBackend as Backend>::query_text(w.pooled(), &sql).await;
+    let server = w.check_backend(done)?.unwrap_or_default();
+    let receipt = w.finish().await?;
+    acks.0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((id, Instant::now(), server));
+
+    let reader_ctx = match mode {
+        Mode::WriteOnly => return Ok(true),
+        Mode::ReadYourWrites => writer_ctx,
+        // Another client, holding only the token the writer handed out.
+        Mode::Causal => {
+            let text = receipt.token.as_deref().unwrap_or_default();
+            RequestContext::new()
+                .consistency(Consistency::Causal)
+                .token(router.verify_token(text)?)
+        }
+        Mode::Eventual => RequestContext::new().consistency(Consistency::Eventual),
+    };
+    let mut r = router.read_with(&reader_ctx).await?;
+    let select = format!("SELECT val::text AS v FROM ha_users WHERE user_id = {user}");
+    let got = <SqlxBackend as Backend>::query_text(r.pooled(), &select).await;
+    let got = r.check_backend(got)?;
+    let seen = got.and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+    Ok(seen >= val)
+}
