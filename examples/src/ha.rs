@@ -306,7 +306,11 @@ async fn run_round(
     let deadline = Instant::now() + READY_LIMIT;
     while probe_router_write(router).await.is_err() {
         if Instant::now() > deadline {
-            return Err("the router did not write before the fault".into());
+            return Err(format!(
+                "the router did not write before the fault: {}",
+                describe(router)
+            )
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -334,11 +338,17 @@ async fn run_round(
             stop.clone(),
         )));
     }
+    if trace() {
+        tokio::spawn(trace_topology(router.clone(), stop.clone()));
+    }
     tokio::time::sleep(opts.steady).await;
 
     // The fault, with the direct write probe running from the moment it starts.
     let ports: Vec<u16> = ha.members().iter().map(|m| m.port()).collect();
     let fault_at = Instant::now();
+    if trace() {
+        eprintln!("  fault {} at {:?}", round.name(), since_start());
+    }
     let probe = tokio::spawn(probe_new_primary(ports, old_identity.clone()));
     match round {
         Round::Switchover => blocking(ha, |h| h.switchover(None)).await?,
@@ -365,6 +375,14 @@ async fn run_round(
                 .min();
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+    if router_write.is_none() {
+        eprintln!(
+            "{} {}: the router did not write on the new primary: {}",
+            config.name(),
+            round.name(),
+            describe(router)
+        );
     }
     tokio::time::sleep(opts.settle).await;
     stop.store(true, Ordering::Relaxed);
@@ -483,6 +501,43 @@ async fn probe_router_write(router: &Router<SqlxBackend>) -> Result<(), routing_
     Ok(())
 }
 
+fn trace() -> bool {
+    std::env::var_os("HA_TRACE").is_some()
+}
+
+fn since_start() -> Duration {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed()
+}
+
+/// With `HA_TRACE` set: prints every change of the router's view of its nodes.
+async fn trace_topology(router: Router<SqlxBackend>, stop: Arc<AtomicBool>) {
+    let mut last = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        let now = describe(&router);
+        if now != last {
+            eprintln!("  topology at {:?}: {now}", since_start());
+            last = now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The router's view of its nodes, for error messages.
+fn describe(router: &Router<SqlxBackend>) -> String {
+    let snap = router.snapshot();
+    snap.nodes
+        .iter()
+        .map(|n| {
+            format!(
+                "{} {:?} reachable={} timeline={:?} error={:?}",
+                n.name, n.role, n.reachable, n.timeline, n.last_error
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// How many of `ids` are missing from `ha_log` on the server at `port`.
 async fn missing_ids(port: u16, ids: &[i64]) -> Result<u64, BoxError> {
     let mut conn = sqlx::PgConnection::connect(&HaStack::superuser_url(port)).await?;
@@ -578,9 +633,28 @@ async fn request(
         Mode::Eventual => RequestContext::new().consistency(Consistency::Eventual),
     };
     let mut r = router.read_with(&reader_ctx).await?;
-    let select = format!("SELECT val::text AS v FROM ha_users WHERE user_id = {user}");
+    let select = format!(
+        "SELECT coalesce((SELECT val FROM ha_users WHERE user_id = {user}), 0)::text \
+         || ' ' || inet_server_port()::text || ' ' || pg_is_in_recovery()::text AS v"
+    );
     let got = <SqlxBackend as Backend>::query_text(r.pooled(), &select).await;
-    let got = r.check_backend(got)?;
-    let seen = got.and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+    let got = r.check_backend(got)?.unwrap_or_default();
+    let seen = got
+        .split(' ')
+        .next()
+        .and_then(|s| s.parse::<i64>().ok())
+        .unwrap_or(0);
+    if seen < val && mode != Mode::Eventual && trace() {
+        eprintln!(
+            "  stale {mode:?} read at {:?}: user {user} wrote {val} on {:?}, read {got:?}; {}",
+            crate::ha::since_start(),
+            acks.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .last()
+                .map(|a| a.2.clone()),
+            describe(router)
+        );
+    }
     Ok(seen >= val)
 }
