@@ -11,7 +11,7 @@
 //! members), then to the router's first acknowledged write on that new server, and counts failed
 //! requests, stale reads and acknowledged writes missing from the final primary.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -130,6 +130,10 @@ pub struct RoundReport {
     /// Then → the router's first acknowledged write on that new primary (0 when the router got
     /// there first). `None`: none within the round's limit.
     pub router_write_ms: Option<u64>,
+    /// Then → the first write HAProxy's writer frontend let through to the new primary (probed
+    /// like `primary_ready_ms`, in every configuration): HAProxy's own switch, the bar for
+    /// `router_write_ms` in the `haproxy` configuration.
+    pub haproxy_switch_ms: Option<u64>,
     /// Requests (writes, pairs) that returned an error or took too long.
     pub failed_requests: u64,
     /// Stale reads in the protected modes (`ReadYourWrites`, `Causal`).
@@ -176,6 +180,8 @@ enum Mode {
     WriteOnly,
 }
 
+/// Direct probe writes waiting at once, per port.
+const PROBES_PER_PORT: usize = 4;
 const REQUEST_LIMIT: Duration = Duration::from_secs(10);
 const READY_LIMIT: Duration = Duration::from_secs(60);
 const HEALTHY_LIMIT: Duration = Duration::from_secs(120);
@@ -213,6 +219,16 @@ pub async fn run(
         ha.dir().display()
     );
     let result = run_on(&ha, opts, &mut progress).await;
+    // HA_LOGS=DIR keeps the stack's logs (Patroni, etcd, HAProxy) for a look afterwards.
+    if let Some(keep) = std::env::var_os("HA_LOGS") {
+        let keep = std::path::PathBuf::from(keep);
+        let _ = std::fs::create_dir_all(&keep);
+        for e in std::fs::read_dir(ha.dir()).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+            }
+        }
+    }
     let stack = ha.clone();
     drop(ha);
     // Stop everything before returning, whatever happened (drop does it too, but explicitly
@@ -349,14 +365,26 @@ async fn run_round(
     if trace() {
         eprintln!("  fault {} at {:?}", round.name(), since_start());
     }
-    let probe = tokio::spawn(probe_new_primary(ports, old_identity.clone()));
+    let probe = tokio::spawn(probe_new_primary(
+        ports,
+        ha.writer_port(),
+        old_identity.clone(),
+    ));
     match round {
-        Round::Switchover => blocking(ha, |h| h.switchover(None)).await?,
+        Round::Switchover => {
+            blocking(ha, |h| h.switchover(None)).await?;
+            if trace() {
+                eprintln!(
+                    "  patronictl switchover returned after {:?}",
+                    fault_at.elapsed()
+                );
+            }
+        }
         Round::PostmasterCrash => blocking(ha, move |h| h.crash_postmaster(leader)).await?,
         Round::LeaderLoss => blocking(ha, move |h| h.kill_member(leader)).await?,
     }
     let ready = probe.await?;
-    let (primary_ready, new_identity) = match &ready {
+    let (primary_ready, new_identity) = match &ready.direct {
         Some((at, id)) => (Some(*at), id.clone()),
         None => (None, String::new()),
     };
@@ -424,6 +452,10 @@ async fn run_round(
             (Some(p), Some(r)) => Some(ms(r.saturating_duration_since(p))),
             _ => None,
         },
+        haproxy_switch_ms: match (primary_ready, ready.haproxy) {
+            (Some(p), Some(h)) => Some(ms(h.saturating_duration_since(p))),
+            _ => None,
+        },
         failed_requests: c.failed.load(Ordering::Relaxed),
         stale_reads: ryw + causal,
         stale_ryw: ryw,
@@ -439,25 +471,41 @@ async fn run_round(
     Ok((report, acked))
 }
 
-/// Fresh connections straight to every member, one write each, every 20 ms, until a write
-/// commits on a server other than `old` (another member, or the same one restarted). Returns
-/// when that commit returned, and the server's identity. A write that waits (a synchronous
-/// commit without a standby yet) does not hold up attempts on the others.
-async fn probe_new_primary(ports: Vec<u16>, old: String) -> Option<(Instant, String)> {
-    let found: Arc<Mutex<Option<(Instant, String)>>> = Arc::default();
+/// When a write first committed on a server other than the one before the fault.
+#[derive(Debug, Clone, Default)]
+struct Ready {
+    /// Straight to a member: when, and the server's identity.
+    direct: Option<(Instant, String)>,
+    /// Through HAProxy's writer frontend.
+    haproxy: Option<Instant>,
+}
+
+/// Fresh connections to every member and to HAProxy's writer frontend, one write each, a new
+/// attempt every 20 ms, until a write commits on a server other than `old` (another member, or
+/// the same one restarted), both directly and through HAProxy. Attempts are not cut short: one
+/// that waits (a synchronous commit before the new primary has a standby, a connection HAProxy
+/// queues while no server is up) ends exactly when the server lets it, which is the moment
+/// measured; at most [`PROBES_PER_PORT`] wait at once per port.
+async fn probe_new_primary(members: Vec<u16>, haproxy: u16, old: String) -> Ready {
+    let found: Arc<Mutex<Ready>> = Arc::default();
     let deadline = Instant::now() + READY_LIMIT;
-    let in_flight: Arc<Mutex<HashSet<u16>>> = Arc::default();
+    let in_flight: Arc<Mutex<HashMap<u16, usize>>> = Arc::default();
+    let ports: Vec<u16> = members.iter().copied().chain([haproxy]).collect();
     while Instant::now() < deadline {
-        if let Some(f) = found.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            return Some(f);
+        {
+            let f = found.lock().unwrap_or_else(|e| e.into_inner());
+            if f.direct.is_some() && f.haproxy.is_some() {
+                return f.clone();
+            }
         }
         for &port in &ports {
-            if !in_flight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(port)
             {
-                continue;
+                let mut busy = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                let n = busy.entry(port).or_default();
+                if *n >= PROBES_PER_PORT {
+                    continue;
+                }
+                *n += 1;
             }
             let (found, in_flight, old) = (found.clone(), in_flight.clone(), old.clone());
             tokio::spawn(async move {
@@ -472,24 +520,31 @@ async fn probe_new_primary(ports: Vec<u16>, old: String) -> Option<(Instant, Str
                     let _ = conn.close().await;
                     Some(id)
                 };
-                if let Ok(Some(id)) = tokio::time::timeout(Duration::from_secs(3), attempt).await
+                if let Ok(Some(id)) = tokio::time::timeout(READY_LIMIT, attempt).await
                     && id != old
                 {
                     let now = Instant::now();
                     let mut f = found.lock().unwrap_or_else(|e| e.into_inner());
-                    if f.as_ref().is_none_or(|(at, _)| now < *at) {
-                        *f = Some((now, id));
+                    if port == haproxy {
+                        if f.haproxy.is_none_or(|at| now < at) {
+                            f.haproxy = Some(now);
+                        }
+                    } else if f.direct.as_ref().is_none_or(|(at, _)| now < *at) {
+                        f.direct = Some((now, id));
                     }
                 }
-                in_flight
+                if let Some(n) = in_flight
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(&port);
+                    .get_mut(&port)
+                {
+                    *n -= 1;
+                }
             });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    None
+    found.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 async fn probe_router_write(router: &Router<SqlxBackend>) -> Result<(), routing_core::Error> {

@@ -178,6 +178,7 @@ impl HaBuilder {
             etcd: Mutex::new(None),
             haproxy: Mutex::new(None),
             watchdog: Mutex::new(Some(watchdog)),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         };
         stack.boot()?;
         Ok(stack)
@@ -273,6 +274,7 @@ pub struct HaStack {
     etcd: Mutex<Option<Child>>,
     haproxy: Mutex<Option<Child>>,
     watchdog: Mutex<Option<Child>>,
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -371,7 +373,7 @@ impl HaStack {
             r#"scope: {scope}
 name: {name}
 log:
-  level: WARNING
+  level: INFO
 restapi:
   listen: 127.0.0.1:{rest}
   connect_address: 127.0.0.1:{rest}
@@ -750,8 +752,11 @@ tags:
             .collect()
     }
 
-    /// Stops everything and removes the directory (what drop does).
+    /// Stops everything and removes the directory (what drop does; once).
     pub fn stop(&self) {
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
         cleanup_now(&self.dir);
         for m in &self.members {
             if let Some(mut c) = lock(&m.patroni).take() {

@@ -24,7 +24,7 @@ fn opt(v: Option<u64>) -> String {
 
 fn line(r: &RoundReport) -> String {
     format!(
-        "{:<8} {:<17} #{} {:>5}->{:<5} primary_ready_ms {:>6} router_write_ms {:>5} failed {:>4} stale(RYW/Causal) {}/{} eventual_stale {}/{} lost {} acked {}",
+        "{:<8} {:<17} #{} {:>5}->{:<5} primary_ready_ms {:>6} router_write_ms {:>5} haproxy_switch_ms {:>5} failed {:>4} stale(RYW/Causal) {}/{} eventual_stale {}/{} lost {} acked {}",
         r.config,
         r.round,
         r.repeat,
@@ -32,6 +32,7 @@ fn line(r: &RoundReport) -> String {
         r.new_leader,
         opt(r.primary_ready_ms),
         opt(r.router_write_ms),
+        opt(r.haproxy_switch_ms),
         r.failed_requests,
         r.stale_ryw,
         r.stale_causal,
