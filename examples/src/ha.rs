@@ -336,14 +336,13 @@ async fn run_round(
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     let modes = [Mode::ReadYourWrites, Mode::Causal, Mode::Eventual];
-    let mut w = 0i64;
-    for mode in modes
-        .iter()
-        .flat_map(|m| std::iter::repeat_n(*m, opts.workers_per_mode))
-        .chain([Mode::WriteOnly])
-    {
+    for (w, mode) in (0i64..).zip(
+        modes
+            .iter()
+            .flat_map(|m| std::iter::repeat_n(*m, opts.workers_per_mode))
+            .chain([Mode::WriteOnly]),
+    ) {
         let users: Vec<i64> = (0..8).map(|u| seq * 100_000 + w * 100 + u).collect();
-        w += 1;
         workers.push(tokio::spawn(worker(
             router.clone(),
             mode,
