@@ -180,8 +180,12 @@ enum Mode {
     WriteOnly,
 }
 
-/// Direct probe writes waiting at once, per port.
+/// Direct probe writes waiting at once, per member.
 const PROBES_PER_PORT: usize = 4;
+/// Probe writes waiting at once through HAProxy's writer frontend: while no server is up,
+/// HAProxy holds each connection for its connect timeout (2 s), so it takes this many to keep
+/// trying every 20 ms or so (they wait in HAProxy, not in PostgreSQL).
+const PROBES_VIA_HAPROXY: usize = 64;
 const REQUEST_LIMIT: Duration = Duration::from_secs(10);
 const READY_LIMIT: Duration = Duration::from_secs(60);
 const HEALTHY_LIMIT: Duration = Duration::from_secs(120);
@@ -484,7 +488,8 @@ struct Ready {
 /// the same one restarted), both directly and through HAProxy. Attempts are not cut short: one
 /// that waits (a synchronous commit before the new primary has a standby, a connection HAProxy
 /// queues while no server is up) ends exactly when the server lets it, which is the moment
-/// measured; at most [`PROBES_PER_PORT`] wait at once per port.
+/// measured; at most [`PROBES_PER_PORT`] wait at once per member, [`PROBES_VIA_HAPROXY`]
+/// through HAProxy.
 async fn probe_new_primary(members: Vec<u16>, haproxy: u16, old: String) -> Ready {
     let found: Arc<Mutex<Ready>> = Arc::default();
     let deadline = Instant::now() + READY_LIMIT;
@@ -501,25 +506,48 @@ async fn probe_new_primary(members: Vec<u16>, haproxy: u16, old: String) -> Read
             {
                 let mut busy = in_flight.lock().unwrap_or_else(|e| e.into_inner());
                 let n = busy.entry(port).or_default();
-                if *n >= PROBES_PER_PORT {
+                let cap = if port == haproxy {
+                    PROBES_VIA_HAPROXY
+                } else {
+                    PROBES_PER_PORT
+                };
+                if *n >= cap {
                     continue;
                 }
                 *n += 1;
             }
             let (found, in_flight, old) = (found.clone(), in_flight.clone(), old.clone());
             tokio::spawn(async move {
+                let began = since_start();
+                // Through HAProxy, a connection that arrives while no server is up waits
+                // there ~3 s and then fails, even if a server comes up meanwhile: give up on
+                // it early (a login that HAProxy forwards takes milliseconds) and try again.
+                let connect_limit = if port == haproxy {
+                    Duration::from_millis(300)
+                } else {
+                    READY_LIMIT
+                };
                 let attempt = async {
-                    let mut conn = sqlx::PgConnection::connect(&HaStack::superuser_url(port))
+                    let connect = sqlx::PgConnection::connect(&HaStack::superuser_url(port));
+                    let mut conn = tokio::time::timeout(connect_limit, connect)
                         .await
-                        .ok()?;
+                        .map_err(|_| "connect timed out".to_string())?
+                        .map_err(|e| e.to_string())?;
                     let id: String = sqlx::query_scalar(PROBE_WRITE)
                         .fetch_one(&mut conn)
                         .await
-                        .ok()?;
+                        .map_err(|e| e.to_string())?;
                     let _ = conn.close().await;
-                    Some(id)
+                    Ok::<String, String>(id)
                 };
-                if let Ok(Some(id)) = tokio::time::timeout(READY_LIMIT, attempt).await
+                let outcome = tokio::time::timeout(READY_LIMIT, attempt).await;
+                if trace() && port == haproxy {
+                    eprintln!(
+                        "  probe via haproxy {began:?}..{:?}: {outcome:?}",
+                        since_start()
+                    );
+                }
+                if let Ok(Ok(id)) = outcome
                     && id != old
                 {
                     let now = Instant::now();
