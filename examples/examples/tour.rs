@@ -1,186 +1,351 @@
-//! The product tour: `cargo xtask demo` (or `cargo run -p routing-examples --example tour`).
+//! The product tour: the users/transfers web service of the `users_sqlx` example, on a local
+//! primary with two streaming replicas (and Redis for marks when `redis-server` is installed),
+//! driven over HTTP by a real client through the story the library exists for. Each step prints
+//! the node that served it (the `x-served-by` header) and how long it took.
 //!
-//! Starts a throwaway primary, two streaming replicas and Redis with the test kit, then shows the
-//! router at work with the sqlx backend: the topology it discovers, reads on replicas, a misrouted
-//! write caught, read-your-writes under replication lag, a causal token handed to another client,
-//! and a failover.
+//! Run it with `cargo xtask demo` (which installs the PostgreSQL server binaries and
+//! redis-server when missing) or `cargo run -p routing-examples --example tour`. The same
+//! service runs against a real deployment with `ROUTING_*` environment variables: see
+//! `cargo run -p routing-examples --example users_sqlx` and `web_service::router_from_env`.
 
 #![allow(clippy::print_stdout)]
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use routing_core::{
-    Consistency, Error, RequestContext, RouterConfig, Snapshot, TokenCodec, TokenKey,
+use pg_routing::axum::RegionHeader;
+use pg_routing::sqlx::{Router, SqlxBackend};
+use pg_routing::{
+    Consistency, InMemoryMarks, LagBounds, RouterConfig, TokenCodec, TokenKey, WriterMarks,
 };
-use routing_redis::RedisMarks;
-use routing_sqlx::{Router, SqlxBackend};
-use routing_testkit::ClusterBuilder;
+use routing_examples::http::{Client, Reply};
+use routing_examples::web_service::{self, BoxError};
+use routing_testkit::{ClusterBuilder, KitError};
+use serde_json::json;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-fn print_topology(s: &Snapshot) {
-    println!("  generation {}  timeline {:?}", s.generation, s.timeline);
-    for n in &s.nodes {
-        println!(
-            "  {:<4} {:<8} reachable={:<5} lsn={:<12} lag={:>10} lag_bytes={}",
-            n.name,
-            format!("{:?}", n.role),
-            n.reachable,
-            n.lsn.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
-            n.lag
-                .map(|d| format!("{d:?}"))
-                .unwrap_or_else(|| "-".into()),
-            n.lag_bytes
-                .map(|b| b.to_string())
-                .unwrap_or_else(|| "-".into()),
-        );
-    }
+/// Runs a blocking test-kit call off the runtime's threads.
+async fn kit<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, KitError> + Send + 'static,
+) -> Result<T, BoxError> {
+    Ok(tokio::task::spawn_blocking(f).await??)
 }
 
-async fn read_value(
-    router: &Router,
-    ctx: &RequestContext,
-    id: i64,
-) -> Result<(Option<String>, String), BoxError> {
-    let mut conn = router.read_with(ctx).await?;
-    let row: Option<(String,)> = sqlx::query_as("SELECT body FROM notes WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok((row.map(|r| r.0), conn.node_name().to_string()))
-}
-
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<(), BoxError> {
-    println!("== Starting a local primary, two streaming replicas and Redis (routing-testkit)");
+/// One request, printed with its outcome, node and time.
+async fn call(
+    client: &Client,
+    what: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<serde_json::Value>,
+) -> Result<Reply, BoxError> {
     let started = Instant::now();
-    let cluster = Arc::new(
-        tokio::task::spawn_blocking(|| ClusterBuilder::new().replicas(2).with_redis(true).start())
-            .await??,
-    );
+    let reply = client.send(method, path, headers, body.as_ref()).await?;
+    let took = started.elapsed();
+    let detail = if reply.status >= 400 {
+        format!("  {}", reply.body.trim())
+    } else {
+        String::new()
+    };
     println!(
-        "  up in {:?} under {}",
-        started.elapsed(),
-        cluster.dir().display()
+        "  {what:<46} {method:<4} {path:<28} -> {} by {:<4} in {:>6.1} ms{detail}",
+        reply.status,
+        reply.served_by(),
+        took.as_secs_f64() * 1e3
     );
-    cluster.psql(
-        0,
-        "CREATE TABLE notes (id bigint PRIMARY KEY, body text NOT NULL)",
-    )?;
+    Ok(reply)
+}
 
-    let marks = RedisMarks::new(cluster.redis_url().ok_or("no redis")?.as_str())?;
-    let router: Router = Router::builder(SqlxBackend::new())
-        .nodes(cluster.node_configs())
-        .config(RouterConfig {
-            default_consistency: Consistency::ReadYourWrites,
-            ..RouterConfig::default()
-        })
-        .marks(Arc::new(marks))
-        .tokens(TokenCodec::new(TokenKey::new(1, "demo-key-change-me-0123456789")?).cluster("tour"))
+fn new_user(name: &str) -> serde_json::Value {
+    json!({ "name": name, "email": format!("{name}@example.com"), "balance": 100 })
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    println!("== 1. A local primary, two streaming replicas and the users service");
+    let started = Instant::now();
+    let (cluster, redis) = match kit(|| ClusterBuilder::new().replicas(2).with_redis(true).start())
+        .await
+    {
+        Ok(c) => (c, true),
+        Err(e) => {
+            println!("  redis-server is not available ({e}): marks stay in this process's memory");
+            (
+                kit(|| ClusterBuilder::new().replicas(2).start()).await?,
+                false,
+            )
+        }
+    };
+    let cluster = Arc::new(cluster);
+    let primary = cluster.primary();
+    let replicas: Vec<usize> = (0..cluster.nodes().len())
+        .filter(|&i| i != primary)
+        .collect();
+    let (eu, us) = (replicas[0], replicas[1]);
+    let name = |i: usize| cluster.node(i).name().to_string();
+    let nodes = cluster
+        .node_configs()
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let region = if i == us { "us" } else { "eu" };
+            n.region(region)
+        });
+    let marks: Arc<dyn WriterMarks> = match cluster.redis_url() {
+        Some(url) if redis => Arc::new(pg_routing::redis::RedisMarks::new(url.as_str())?),
+        _ => Arc::new(InMemoryMarks::default()),
+    };
+    let config = RouterConfig {
+        default_consistency: Consistency::ReadYourWrites,
+        // A replica more than a second behind serves no read (the default is 10 s; shorter
+        // here so the tour shows it without waiting).
+        lag: LagBounds {
+            max_time: Some(Duration::from_secs(1)),
+            ..LagBounds::default()
+        },
+        ..RouterConfig::default()
+    };
+    let router: Router = pg_routing::Router::builder(SqlxBackend::new())
+        .nodes(nodes)
+        .config(config)
+        .marks(marks)
+        .tokens(
+            TokenCodec::new(TokenKey::new(1, "tour-demo-key-not-a-secret-0123456789")?)
+                .cluster("tour"),
+        )
         .build()
         .await?;
-
-    println!("\n== The monitor probed every node and elected the writer");
-    print_topology(&router.snapshot());
-
-    println!("\n== Writes go to the primary; finish() returns the commit LSN and a signed token");
-    let alice = RequestContext::new().user("alice");
-    let mut w = router.write_with(&alice).await?;
-    sqlx::query("INSERT INTO notes VALUES (1, 'hello from alice')")
-        .execute(&mut *w)
-        .await?;
-    let node = w.node_name().to_string();
-    let receipt = w.finish().await?;
+    web_service::create_schema(&router).await?;
+    let c = cluster.clone();
+    kit(move || c.wait_replicated(Duration::from_secs(10))).await?;
+    // Regions: `x-region` is believed only from the proxy at 127.0.0.1; other clients get `eu`.
+    let regions = RegionHeader::new("x-region")
+        .trust_proxy("127.0.0.1")
+        .fallback("eu");
+    let app = web_service::app_with(web_service::layer(router.clone()).region(regions));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(web_service::serve(listener, app, async {
+        let _ = stopped.await;
+    }));
     println!(
-        "  wrote on {node}; commit LSN {}; token {}",
-        receipt.lsn,
-        receipt.token.as_deref().unwrap_or("-")
+        "  primary {} (eu), replicas {} (eu) and {} (us); marks in {}; serving http://{addr} ({:.1} s)",
+        name(primary),
+        name(eu),
+        name(us),
+        if redis { "Redis" } else { "memory" },
+        started.elapsed().as_secs_f64()
     );
+    // The trusted proxy, and a client connecting directly from another address.
+    let proxy = Client::new(addr).from_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let direct = Client::new(addr).from_ip(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
 
-    println!("\n== Reads go to replicas (Eventual), spread by least-outstanding");
-    let mut tally = std::collections::BTreeMap::<String, usize>::new();
-    for _ in 0..20 {
-        let (_, node) = read_value(
-            &router,
-            &RequestContext::new().consistency(Consistency::Eventual),
-            1,
-        )
-        .await?;
-        *tally.entry(node).or_default() += 1;
-    }
-    println!("  20 reads served by {tally:?}");
-
-    println!(
-        "\n== A write on a read connection fails loudly (the session is read-only at the server)"
-    );
-    let conn = router.read().await?;
-    let mut conn = conn;
-    let attempt = sqlx::query("DELETE FROM notes").execute(&mut *conn).await;
-    match conn.check(attempt) {
-        Err(e @ Error::MisroutedWrite { .. }) => println!("  {e}"),
-        other => println!("  unexpected: {other:?}"),
-    }
-    drop(conn);
-
-    println!("\n== Replication lag: 500 ms apply delay on both replicas");
-    cluster.set_apply_delay(1, Duration::from_millis(500))?;
-    cluster.set_apply_delay(2, Duration::from_millis(500))?;
-    let mut w = router.write_with(&alice).await?;
-    sqlx::query("UPDATE notes SET body = 'edited by alice' WHERE id = 1")
-        .execute(&mut *w)
-        .await?;
-    let receipt = w.finish().await?;
-    let (eventual, node) = read_value(
-        &router,
-        &RequestContext::new().consistency(Consistency::Eventual),
-        1,
+    println!("\n== 2. Writes go to the primary, reads to a replica in the client's region");
+    let alice = call(
+        &proxy,
+        "sign up alice",
+        "POST",
+        "/users",
+        &[],
+        Some(new_user("alice")),
     )
     .await?;
-    println!(
-        "  Eventual read on {node}:        {eventual:?}   <- stale: the replica has not replayed the edit"
-    );
-    let (ryw, node) = read_value(&router, &alice, 1).await?;
-    println!(
-        "  ReadYourWrites for alice on {node}: {ryw:?}   <- her mark (commit LSN) in Redis routes around the lag"
-    );
-    let bob = RequestContext::new()
-        .token(router.verify_token(receipt.token.as_deref().unwrap_or_default())?)
-        .consistency(Consistency::Causal);
-    let (causal, node) = read_value(&router, &bob, 1).await?;
-    println!("  Causal read by bob with alice's token on {node}: {causal:?}");
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let (later, node) = read_value(&router, &alice, 1).await?;
-    println!(
-        "  700 ms later alice reads on {node}: {later:?}   <- back on a replica once it caught up"
-    );
-    cluster.clear_apply_delay(1)?;
-    cluster.clear_apply_delay(2)?;
-    println!("  router counters: {:?}", router.stats());
-
-    println!("\n== Failover: kill the primary, promote pg1, repoint pg2");
-    cluster.wait_replicated(Duration::from_secs(10))?;
+    let alice_id = alice.json()["id"].as_i64().unwrap_or(1);
     let c = cluster.clone();
-    tokio::task::spawn_blocking(move || c.kill(0)).await??;
-    let promoted = Instant::now();
-    let c = cluster.clone();
-    tokio::task::spawn_blocking(move || {
-        c.promote(1)?;
-        c.follow(2, 1)
-    })
-    .await??;
-    let mut w = router.write_with(&alice).await?;
-    sqlx::query("INSERT INTO notes VALUES (2, 'after failover')")
-        .execute(&mut *w)
+    kit(move || c.wait_replicated(Duration::from_secs(10))).await?;
+    for _ in 0..3 {
+        call(
+            &proxy,
+            "list users (region eu by default)",
+            "GET",
+            "/users",
+            &[],
+            None,
+        )
         .await?;
-    let node = w.node_name().to_string();
-    w.finish().await?;
-    println!(
-        "  first write after the promotion succeeded on {node}, {:?} after promote started",
-        promoted.elapsed()
-    );
-    print_topology(&router.snapshot());
+    }
 
-    println!("\n== Done: dropping the router and the cluster removes every process and directory.");
+    println!("\n== 3. A read right after a write is fresh while the replicas lag 500 ms");
+    for &i in &replicas {
+        let c = cluster.clone();
+        kit(move || c.set_apply_delay(i, Duration::from_millis(500))).await?;
+    }
+    let bob = call(
+        &proxy,
+        "sign up bob (no user yet)",
+        "POST",
+        "/users",
+        &[],
+        Some(new_user("bob")),
+    )
+    .await?;
+    let token = bob.token().unwrap_or_default().to_string();
+    println!(
+        "  the response carries X-Read-After: {}...",
+        &token[..token.len().min(24)]
+    );
+    let by_email = "/users/by-email/bob@example.com";
+    call(
+        &proxy,
+        "log in bob with the token",
+        "GET",
+        by_email,
+        &[("x-read-after", &token)],
+        None,
+    )
+    .await?;
+    call(
+        &direct,
+        "another client without it (the control)",
+        "GET",
+        by_email,
+        &[],
+        None,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    call(
+        &proxy,
+        "with the token, once replicas caught up",
+        "GET",
+        by_email,
+        &[("x-read-after", &token)],
+        None,
+    )
+    .await?;
+    for &i in &replicas {
+        let c = cluster.clone();
+        kit(move || c.clear_apply_delay(i)).await?;
+    }
+
+    println!("\n== 4. A misrouted write fails loudly");
+    call(
+        &proxy,
+        "a handler that writes through a read session",
+        "POST",
+        "/bug/write-through-read",
+        &[],
+        None,
+    )
+    .await?;
+
+    println!("\n== 5. A lagging replica is skipped");
+    let c = cluster.clone();
+    kit(move || c.pause_replay(eu)).await?;
+    println!(
+        "  replay paused on {} (eu); writes continue for 1.5 s",
+        name(eu)
+    );
+    for n in 0..6 {
+        let user = new_user(&format!("carol{n}"));
+        call(&proxy, "sign up", "POST", "/users", &[], Some(user)).await?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    router.reprobe();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        call(
+            &proxy,
+            "list users (eu replica lagging)",
+            "GET",
+            "/users",
+            &[],
+            None,
+        )
+        .await?;
+    }
+    let c = cluster.clone();
+    kit(move || c.resume_replay(eu)).await?;
+    println!("  replay resumed on {}", name(eu));
+
+    println!("\n== 6. A region header picks the local replica; a spoofed one is ignored");
+    let c = cluster.clone();
+    kit(move || c.wait_replicated(Duration::from_secs(10))).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    call(
+        &proxy,
+        "x-region: us, from the trusted proxy",
+        "GET",
+        "/users",
+        &[("x-region", "us")],
+        None,
+    )
+    .await?;
+    call(
+        &direct,
+        "x-region: us, sent by a client itself",
+        "GET",
+        "/users",
+        &[("x-region", "us")],
+        None,
+    )
+    .await?;
+
+    println!("\n== 7. The primary fails; writes come back on the promoted replica");
+    let c = cluster.clone();
+    let killed = Instant::now();
+    kit(move || c.kill(primary)).await?;
+    println!("  killed the primary {}", name(primary));
+    let c = cluster.clone();
+    kit(move || c.promote(eu)).await?;
+    let promoted = Instant::now();
+    println!(
+        "  promoted {} ({:.0} ms after the kill); repointing {}",
+        name(eu),
+        promoted.duration_since(killed).as_secs_f64() * 1e3,
+        name(us)
+    );
+    let c = cluster.clone();
+    kit(move || c.follow(us, eu)).await?;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let user = new_user(&format!("dave{attempt}"));
+        let reply = call(
+            &proxy,
+            "sign up after the failover",
+            "POST",
+            "/users",
+            &[],
+            Some(user),
+        )
+        .await?;
+        if reply.status == 201 {
+            println!(
+                "  writes are back on {}: {:.0} ms after the promotion, {:.0} ms after the kill",
+                reply.served_by(),
+                promoted.elapsed().as_secs_f64() * 1e3,
+                killed.elapsed().as_secs_f64() * 1e3
+            );
+            break;
+        }
+        if attempt > 20 {
+            return Err("writes did not come back after the failover".into());
+        }
+    }
+    call(
+        &proxy,
+        "alice, read after the failover",
+        "GET",
+        &format!("/users/{alice_id}"),
+        &[],
+        None,
+    )
+    .await?;
+
+    println!(
+        "\n== Done: stopping the service; dropping the cluster removes every process and directory."
+    );
+    let _ = stop.send(());
+    server.await??;
+    router.shutdown();
+    drop(router);
+    kit(move || {
+        drop(cluster);
+        Ok(())
+    })
+    .await?;
     Ok(())
 }

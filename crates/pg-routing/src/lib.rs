@@ -51,6 +51,9 @@ pub mod sqlx {
     /// The layer; see [`routing_axum::RoutingLayer`].
     #[cfg(feature = "axum")]
     pub type RoutingLayer = routing_axum::RoutingLayer<SqlxBackend>;
+    /// What a web service needs besides the aliases above, so one `use` brings it all.
+    #[cfg(feature = "axum")]
+    pub use routing_axum::{RegionHeader, TOKEN_HEADER, WebError, error_response, force_primary};
 }
 
 /// The diesel-async + bb8 backend: a [`Router`](crate::Router) over `AsyncPgConnection` pools.
@@ -85,6 +88,9 @@ pub mod diesel {
     /// The layer; see [`routing_axum::RoutingLayer`].
     #[cfg(feature = "axum")]
     pub type RoutingLayer = routing_axum::RoutingLayer<DieselBackend>;
+    /// What a web service needs besides the aliases above, so one `use` brings it all.
+    #[cfg(feature = "axum")]
+    pub use routing_axum::{RegionHeader, TOKEN_HEADER, WebError, error_response, force_primary};
 }
 
 /// Recent-writer marks in Redis (`routing-redis`).

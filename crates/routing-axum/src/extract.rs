@@ -201,6 +201,11 @@ impl<B: Backend, E: From<Error>> Tx<B, E> {
     pub async fn commit(&mut self) -> Result<Option<WriteReceipt>, E> {
         self.0.finish().await
     }
+
+    /// The primary serving the transaction, once begun.
+    pub fn node_name(&self) -> Option<&str> {
+        self.0.node_name()
+    }
 }
 
 impl<B, S, E> FromRequestParts<S> for Tx<B, E>

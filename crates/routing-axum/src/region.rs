@@ -97,9 +97,7 @@ pub struct RegionHeader {
 
 impl RegionHeader {
     /// Reads `header` (for example `x-region`); trusts no one until [`RegionHeader::trust_proxy`].
-    ///
-    /// # Panics
-    /// Never for a valid header name; an invalid one falls back to `x-region`.
+    /// A name that is not a valid header name falls back to `x-region`.
     pub fn new(header: &str) -> Self {
         RegionHeader {
             header: HeaderName::try_from(header).unwrap_or(HeaderName::from_static("x-region")),

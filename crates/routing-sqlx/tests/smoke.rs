@@ -395,3 +395,59 @@ async fn server_errors_keep_their_sqlstate_through_check() {
         other => panic!("expected a unique violation, got {other:?}"),
     }
 }
+
+/// `?` without `check`: the router's errors and sqlx's both become `DbError`, a write through a
+/// read session is still recognised, and sqlx's error (its constraint) is still reachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_errors_fit_the_question_mark_and_keep_the_driver_error() {
+    use routing_sqlx::{DbError, ErrorClass, RoutedError};
+    let c = tokio::task::block_in_place(routing_testkit::shared);
+    let r = router(c).await;
+    let table = format!("sqlx_qm_{}", std::process::id());
+    async fn write(r: &Router, sql: String) -> Result<u64, DbError> {
+        let mut w = r.write().await?;
+        let n = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *w)
+            .await?
+            .rows_affected();
+        w.finish().await?;
+        Ok(n)
+    }
+    async fn read_write(r: &Router, ctx: RequestContext, sql: String) -> Result<u64, DbError> {
+        let mut conn = r.read_with(&ctx).await?;
+        Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await?
+            .rows_affected())
+    }
+    write(&r, format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+        .await
+        .expect("create");
+    write(&r, format!("INSERT INTO {table} VALUES (1)"))
+        .await
+        .expect("insert");
+    // The read sessions below must meet the table on whichever replica serves them.
+    for i in (0..c.nodes().len()).filter(|&i| i != c.primary()) {
+        let visible = format!("SELECT pg_catalog.to_regclass('{table}') IS NOT NULL");
+        while tokio::task::block_in_place(|| c.psql(i, &visible)).expect("psql") != "t" {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let dup = write(&r, format!("INSERT INTO {table} VALUES (1)"))
+        .await
+        .expect_err("duplicate");
+    assert_eq!(dup.sqlstate(), Some("23505"));
+    assert_eq!(dup.constraint(), Some(format!("{table}_pkey").as_str()));
+    assert!(matches!(dup.as_sqlx(), Some(sqlx::Error::Database(_))));
+    assert_eq!(dup.class(), ErrorClass::Other);
+    for ctx in [
+        RequestContext::new().consistency(Consistency::Eventual),
+        RequestContext::new().force_primary(true),
+    ] {
+        let e = read_write(&r, ctx, format!("INSERT INTO {table} VALUES (2)"))
+            .await
+            .expect_err("refused");
+        assert!(e.is_misrouted_write(), "{e:?}");
+        assert_eq!(e.class(), ErrorClass::MisroutedWrite);
+    }
+}

@@ -35,6 +35,10 @@ cleanup() {
     ours "$p" "$D" && pids="$pids $p"
   done
   [ -n "$pids" ] && kill -QUIT $pids 2>/dev/null
+  if [ -f "$D/pgpool/pgpool.pid" ]; then
+    p=$(head -n1 "$D/pgpool/pgpool.pid")
+    case "$p" in ''|*[!0-9]*) ;; *) ours "$p" pgpool && kill -KILL -- "-$p" 2>/dev/null;; esac
+  fi
   if [ -f "$D/redis.pid" ]; then
     p=$(cat "$D/redis.pid")
     case "$p" in ''|*[!0-9]*) ;; *) ours "$p" redis && kill -KILL "$p" 2>/dev/null;; esac

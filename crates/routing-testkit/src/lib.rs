@@ -21,6 +21,7 @@ mod cluster;
 mod error;
 #[cfg(feature = "ha")]
 pub mod ha;
+mod pgpool;
 mod ports;
 mod proc;
 mod proxy;
@@ -32,4 +33,5 @@ pub use cluster::{
 pub use error::KitError;
 #[cfg(feature = "ha")]
 pub use ha::{HaBuilder, HaStack, MemberState};
+pub use pgpool::Pgpool;
 pub use proxy::{FaultProxy, ProxyMode};
