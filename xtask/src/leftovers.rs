@@ -1,5 +1,6 @@
 //! After the tests: no PostgreSQL or Redis server started by the test kit may still run, and no
-//! cluster directory may remain under its base dir.
+//! cluster directory may remain under its base dir. The same holds for the kit's HA stacks
+//! (`ha-<pid>-<n>` dirs): etcd, Patroni (a python3 process) and HAProxy count as servers too.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -160,12 +161,13 @@ pub fn check(before: &Snapshot) -> Result<(), Fail> {
     }
 }
 
-/// The test kit names a cluster dir `c-<pid>-<n>` and a template being built `t-<pid>-<n>`,
-/// after the test process that owns it. Other names have no owner.
+/// The test kit names a cluster dir `c-<pid>-<n>`, a template being built `t-<pid>-<n>` and an
+/// HA stack `ha-<pid>-<n>`, after the process that owns it. Other names have no owner.
 fn owner_of(name: &str) -> Option<u32> {
     let rest = name
         .strip_prefix("c-")
-        .or_else(|| name.strip_prefix("t-"))?;
+        .or_else(|| name.strip_prefix("t-"))
+        .or_else(|| name.strip_prefix("ha-"))?;
     rest.split('-').next()?.parse().ok()
 }
 
@@ -217,8 +219,10 @@ fn entries(bases: &[PathBuf]) -> BTreeSet<Entry> {
         .collect()
 }
 
-/// `postgres` and `redis-server` processes tied to a base dir: by command line (postgres -D),
-/// working directory (postgres runs in its data dir, redis-server in its --dir) or an open file.
+/// `postgres`, `redis-server`, `etcd`, `haproxy` and Patroni (`python3`/`patroni`) processes tied
+/// to a base dir: by command line (postgres -D, Patroni's config, etcd's --data-dir, HAProxy's
+/// -f), working directory (postgres runs in its data dir, redis-server in its --dir, the HA
+/// stack's processes in the stack's dir) or an open file.
 fn servers(bases: &[PathBuf]) -> BTreeSet<Server> {
     let Ok(proc_dir) = fs::read_dir("/proc") else {
         return BTreeSet::new();
@@ -233,7 +237,10 @@ fn servers(bases: &[PathBuf]) -> BTreeSet<Server> {
 fn server(pid: u32, bases: &[PathBuf]) -> Option<Server> {
     let dir = PathBuf::from(format!("/proc/{pid}"));
     let comm = fs::read_to_string(dir.join("comm")).ok()?;
-    if !matches!(comm.trim(), "postgres" | "postmaster" | "redis-server") {
+    if !matches!(
+        comm.trim(),
+        "postgres" | "postmaster" | "redis-server" | "etcd" | "haproxy" | "patroni" | "python3"
+    ) {
         return None;
     }
     let raw = fs::read(dir.join("cmdline")).ok()?;
@@ -288,6 +295,7 @@ mod tests {
     fn owners_come_from_kit_dir_names() {
         assert_eq!(owner_of("c-1234-0"), Some(1234));
         assert_eq!(owner_of("t-99-3"), Some(99));
+        assert_eq!(owner_of("ha-77-0"), Some(77));
         assert_eq!(owner_of("template-v1-65ddc71cdf1a9813"), None);
         assert_eq!(owner_of("something"), None);
     }

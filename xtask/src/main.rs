@@ -33,6 +33,12 @@ commands:
                             against the raw driver pools (cargo run --release -p routing-examples
                             --bin bench -- ARGS); writes FILE (default target/bench/bench.json)
                             and a markdown report beside it. --quick: short rounds (< 2 min)
+  ha [--json FILE] [--quick]
+                            install patroni, etcd-server and haproxy when missing, then run the
+                            HA workload on a real etcd + Patroni + HAProxy stack (switchover,
+                            postmaster crash, leader loss; through HAProxy and direct), and check
+                            that nothing was left running
+                            (cargo run --release -p routing-examples --bin ha -- ARGS)
   help                      this text
 
 environment:
@@ -53,6 +59,7 @@ fn main() -> ExitCode {
         "demo" if rest.is_empty() => demo(),
         "chaos" => chaos(rest),
         "bench" => bench(rest),
+        "ha" => ha(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -225,4 +232,36 @@ fn bench(args: &[String]) -> Result<(), Fail> {
                 .current_dir(&root))
         },
     )
+}
+
+/// `cargo xtask ha [ARGS]`: the HA workload (release build), then the leftover check.
+fn ha(args: &[String]) -> Result<(), Fail> {
+    step(
+        "prerequisites: PostgreSQL, redis-server, patroni, etcd-server, haproxy",
+        prereq::ensure_ha,
+    )?;
+    let root = workspace_root();
+    let before = leftovers::Snapshot::take();
+    let run = step(
+        "ha: cargo run --release -p routing-examples --bin ha",
+        || {
+            run(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    EXAMPLES_PACKAGE,
+                    "--bin",
+                    "ha",
+                    "--",
+                ])
+                .args(args)
+                .current_dir(&root))
+        },
+    );
+    let left = step("leftovers: HA stack processes and dirs", || {
+        leftovers::check(&before)
+    });
+    run?;
+    left
 }

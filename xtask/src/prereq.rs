@@ -30,7 +30,26 @@ const PREREQS: [Prereq; 2] = [
     },
 ];
 
-/// Debian keeps the server binaries off PATH, under `/usr/lib/postgresql/<major>/bin`.
+/// What `cargo xtask ha` needs on top of [`PREREQS`]: the HA stack's Debian packages.
+const HA_PREREQS: [Prereq; 3] = [
+    Prereq {
+        what: "patroni",
+        package: "patroni",
+        find: || find_executable("patroni", &["/usr/bin", "/usr/local/bin"]),
+    },
+    Prereq {
+        what: "etcd",
+        package: "etcd-server",
+        find: || find_executable("etcd", &["/usr/bin", "/usr/local/bin"]),
+    },
+    Prereq {
+        what: "haproxy",
+        package: "haproxy",
+        find: || find_executable("haproxy", &["/usr/sbin", "/usr/bin", "/usr/local/sbin"]),
+    },
+];
+
+/// Debian keeps the server binaries off PATH, under /usr/lib/postgresql/<major>/bin.
 fn find_initdb() -> Option<PathBuf> {
     let mut versioned: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -55,7 +74,17 @@ fn find_redis_server() -> Option<PathBuf> {
 
 /// Makes sure every prerequisite is there, installing the missing ones if we may.
 pub fn ensure() -> Result<(), Fail> {
-    let missing: Vec<&Prereq> = PREREQS.iter().filter(|p| report(p).is_none()).collect();
+    ensure_all(PREREQS.iter())
+}
+
+/// [`ensure`], plus Patroni, etcd and HAProxy for `cargo xtask ha`. The packages' own services
+/// are not used (nor started, on a machine without systemd): the HA stack starts its own.
+pub fn ensure_ha() -> Result<(), Fail> {
+    ensure_all(PREREQS.iter().chain(HA_PREREQS.iter()))
+}
+
+fn ensure_all<'a>(prereqs: impl Iterator<Item = &'a Prereq>) -> Result<(), Fail> {
+    let missing: Vec<&Prereq> = prereqs.filter(|p| report(p).is_none()).collect();
     if missing.is_empty() {
         return Ok(());
     }

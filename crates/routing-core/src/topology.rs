@@ -335,6 +335,13 @@ impl Topology {
     /// Chooses the writer among reachable, unfenced, out-of-recovery nodes on the newest timeline:
     /// then the current writer (no flapping), then writer candidates, then configuration order.
     /// Every other reachable out-of-recovery node is fenced until it is seen in recovery again.
+    ///
+    /// A load-balanced node ([`NodeConfig::load_balanced`]) is never elected nor fenced: its probe
+    /// speaks for whichever server the balancer picked, so seeing it out of recovery only means
+    /// the balancer still sends some connections to a primary (HAProxy's reader frontend keeps a
+    /// just-promoted replica for its check interval). Electing it would make the whole pool the
+    /// "primary", whose reads skip every LSN check and land on replicas. It counts as a replica:
+    /// each guarded read on it checks the replay position of the session it got.
     /// Returns true when a role or the writer changed (the generation is `settle_generation`'s).
     fn elect(&mut self) -> bool {
         let old_writer = self.snap.writer;
@@ -361,7 +368,8 @@ impl Topology {
             .iter()
             .enumerate()
             .filter(|(_, n)| {
-                n.reachable
+                !n.load_balanced
+                    && n.reachable
                     && n.in_recovery == Some(false)
                     && !n.fenced
                     && n.timeline.unwrap_or(0) >= max_tl
@@ -369,12 +377,14 @@ impl Topology {
             .max_by_key(|(i, n)| key(*i, n))
             .map(|(i, _)| i);
         for (i, n) in self.snap.nodes.iter_mut().enumerate() {
-            if n.reachable && n.in_recovery == Some(false) && Some(i) != writer {
+            if n.reachable && n.in_recovery == Some(false) && Some(i) != writer && !n.load_balanced
+            {
                 n.fenced = true;
             }
             n.role = match n.in_recovery {
                 None => NodeRole::Unknown,
                 Some(true) => NodeRole::Replica,
+                Some(false) if n.load_balanced => NodeRole::Replica,
                 Some(false) if n.fenced || n.timeline.unwrap_or(0) < max_tl => NodeRole::Fenced,
                 Some(false) => NodeRole::Primary,
             };
@@ -494,6 +504,36 @@ mod tests {
             system_id: Some(42),
             started: Some(9),
         }
+    }
+
+    #[test]
+    fn a_load_balanced_node_is_never_elected_nor_fenced() {
+        // An HAProxy writer frontend (node 0) and reader frontend (node 1) during a switchover:
+        // the writer frontend has no server yet, the reader frontend still reaches the
+        // just-promoted replica.
+        let mut nodes = nodes(2);
+        nodes[1] = nodes[1].clone().load_balanced();
+        let mut t = Topology::new(
+            &nodes,
+            LagBounds::default(),
+            BanPolicy::default(),
+            Epoch::default(),
+        );
+        let now = Instant::now();
+        t.apply_probe(0, primary(1000, 1), now);
+        t.apply_probe(1, replica(1000, 5), now);
+        assert_eq!(t.snapshot().writer, Some(0));
+        t.apply_failure(0, "gone", now);
+        t.apply_probe(1, primary(2000, 2), now);
+        let s = t.snapshot();
+        assert_eq!(s.writer, None, "the reader frontend is not a writer");
+        assert_eq!(s.nodes[1].role, NodeRole::Replica);
+        // The writer frontend comes back on the new primary: elected, nothing fenced.
+        t.apply_probe(0, primary(2100, 2), now);
+        let s = t.snapshot();
+        assert_eq!(s.writer, Some(0));
+        assert_eq!(s.nodes[0].role, NodeRole::Primary);
+        assert_eq!(s.nodes[1].role, NodeRole::Replica);
     }
 
     #[test]

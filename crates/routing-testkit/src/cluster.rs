@@ -422,7 +422,7 @@ fn build_template(pg: &PgBins, tmp: &Path, run_as: Option<RunAs>) -> Result<(), 
 
 /// The roles and grants every cluster starts with (run in single-user mode, one statement a
 /// line). Part of the template's cache key, so a template with other roles is never reused.
-fn template_sql() -> String {
+pub(crate) fn template_sql() -> String {
     format!(
         "CREATE ROLE app LOGIN SUPERUSER PASSWORD '{APP_PASSWORD}';\n\
          CREATE ROLE {READER_ROLE} LOGIN PASSWORD '{READER_PASSWORD}' IN ROLE pg_read_all_data;\n\
@@ -1209,7 +1209,7 @@ pub(crate) fn redis_ping(port: u16) -> bool {
     s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
 
-fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {

@@ -19,6 +19,8 @@ mod bins;
 mod cleanup;
 mod cluster;
 mod error;
+#[cfg(feature = "ha")]
+pub mod ha;
 mod pgpool;
 mod ports;
 mod proc;
@@ -29,5 +31,7 @@ pub use cluster::{
     READER_ROLE, WRITER_PASSWORD, WRITER_ROLE, shared,
 };
 pub use error::KitError;
+#[cfg(feature = "ha")]
+pub use ha::{HaBuilder, HaStack, MemberState};
 pub use pgpool::Pgpool;
 pub use proxy::{FaultProxy, ProxyMode};
