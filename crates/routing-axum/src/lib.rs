@@ -51,6 +51,8 @@ mod region;
 mod route;
 mod service;
 mod state;
+#[cfg(feature = "status")]
+mod status;
 
 pub use error::{WebError, error_response};
 pub use extract::{Db, Read, Routing, Tx, Write};
@@ -58,6 +60,8 @@ pub use layer::{RoutingLayer, TOKEN_HEADER};
 pub use region::{RegionHeader, RegionResolver, TrustedProxies};
 pub use route::{ForcePrimary, ForcePrimaryLayer, force_primary};
 pub use service::RoutingService;
+#[cfg(feature = "status")]
+pub use status::status;
 
 /// The axum this crate is built on, for adapters and applications that need its types.
 pub use axum;

@@ -83,7 +83,7 @@ mod web;
 pub use web::{
     web_a_user_created_by_a_write_is_marked, web_anonymous_signup_then_login_reads_its_own_account,
     web_bad_tokens_are_answered_400, web_force_primary_and_method_defaults,
-    web_region_header_is_trusted_only_from_proxies,
+    web_region_header_is_trusted_only_from_proxies, web_status_handler_serves_the_router_status,
     web_tokens_round_trip_through_header_and_cookie,
     web_transactions_commit_on_success_and_roll_back_otherwise,
 };
@@ -158,6 +158,7 @@ macro_rules! conformance_tests {
             web_bad_tokens_are_answered_400,
             web_transactions_commit_on_success_and_roll_back_otherwise,
             web_force_primary_and_method_defaults,
+            web_status_handler_serves_the_router_status,
         );
     };
     (@each $h:ty; $($name:ident),* $(,)?) => {

@@ -147,6 +147,7 @@ fn app<B: Backend>(layer: RoutingLayer<B>, table: &str) -> axum::Router {
             post(transfer::<B>).layer(routing_axum::force_primary()),
         )
         .route("/as-user", get(as_user::<B>))
+        .route("/status", get(routing_axum::status::<B>))
         .layer(layer)
         .with_state(Arc::new(App {
             table: table.to_string(),
@@ -484,6 +485,34 @@ pub async fn web_force_primary_and_method_defaults<H: Harness>() {
         );
         let body = text(send(&by_method, request("POST", "/db")).await).await;
         assert_eq!(body, format!("write {primary}"), "POST");
+    }
+}
+
+/// The ready-made status handler answers the router's status as JSON: every node with its role,
+/// the generation, and no password anywhere.
+pub async fn web_status_handler_serves_the_router_status<H: Harness>() {
+    let c = shared_cluster();
+    let r = router_with::<H>(c, Consistency::Eventual, Arc::default()).await;
+    let app = app(RoutingLayer::new(r.clone()), "unused");
+    let res = send(&app, request("GET", "/status")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = text(res).await;
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert!(json["generation"].is_u64(), "{body}");
+    let nodes = json["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), c.nodes().len());
+    for i in 0..c.nodes().len() {
+        assert!(body.contains(c.node(i).name()), "{body}");
+    }
+    for secret in [
+        routing_testkit::WRITER_PASSWORD,
+        routing_testkit::READER_PASSWORD,
+        routing_testkit::MONITOR_PASSWORD,
+    ] {
+        assert!(
+            !body.contains(secret),
+            "the status leaks a password: {body}"
+        );
     }
 }
 
