@@ -169,6 +169,31 @@ pub(crate) fn read_mode(mode: &crate::Consistency) {
     tracing::Span::current().record("mode", tracing::field::debug(mode));
 }
 
+/// The request's region, on the read span.
+pub(crate) fn read_region(region: Option<&crate::Region>) {
+    if let Some(region) = region {
+        tracing::Span::current().record("region", region.as_str());
+    }
+}
+
+/// What guarded a read-your-writes or causal read, on the read span: the client's token, the
+/// user's mark, both, or neither; `marks-failed` when the marks store did not answer and the
+/// read went to the primary for it.
+pub(crate) fn read_guard(token: bool, mark: bool, marks_failed: bool) {
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    let guard = match (token, mark, marks_failed) {
+        (_, _, true) => "marks-failed",
+        (true, true, _) => "mark+token",
+        (true, false, _) => "token",
+        (false, true, _) => "mark",
+        (false, false, _) => "none",
+    };
+    span.record("guard", guard);
+}
+
 /// A read handed out on a replica.
 pub(crate) fn read_on_replica(m: &NodeMetrics, waited: bool, needed_lsn: bool) {
     let reason = match (waited, needed_lsn) {

@@ -73,13 +73,26 @@ async fn spans_name_mode_node_and_reason_and_events_mark_topology_changes() {
             .unwrap(),
     );
     drop(r.write().await.unwrap());
+    // A user who just wrote, in a region: the span says the mark guarded the read and where
+    // the request came from.
+    let user = RequestContext::new()
+        .user("span-user")
+        .consistency(Consistency::ReadYourWrites)
+        .region("eu");
+    let w = r.write_with(&user).await.unwrap();
+    w.finish().await.unwrap();
+    drop(r.read_with(&user).await.unwrap());
     let requests = logs.since(from);
     let lines: Vec<&str> = requests.lines().collect();
     let read_spans: Vec<&&str> = lines
         .iter()
         .filter(|l| l.contains("routing.read{"))
         .collect();
-    assert_eq!(read_spans.len(), 2, "{requests}");
+    assert_eq!(read_spans.len(), 3, "{requests}");
+    assert!(
+        read_spans[2].contains("guard=\"mark\"") && read_spans[2].contains("region=\"eu\""),
+        "{requests}"
+    );
     assert!(
         read_spans[0].contains("mode=Eventual") && read_spans[0].contains("reason=\"eventual\""),
         "{requests}"

@@ -29,11 +29,12 @@ impl<B: Backend> Router<B> {
         level = "debug",
         name = "routing.read",
         skip_all,
-        fields(mode, node, reason)
+        fields(mode, node, reason, guard, region)
     )]
     pub async fn read_with(&self, ctx: &RequestContext) -> Result<ReadConn<B>, Error> {
         let inner = &self.inner;
         let snap = inner.topo.load_full();
+        crate::telemetry::read_region(ctx.region.as_ref());
         let mode = if ctx.force_primary {
             Consistency::Primary
         } else {
@@ -62,6 +63,7 @@ impl<B: Backend> Router<B> {
                     }
                 }
                 let mut primary = false;
+                let mut mark_needed = false;
                 let mut early = None;
                 if mode == Consistency::ReadYourWrites
                     && let Some(user) = &ctx.user
@@ -77,11 +79,15 @@ impl<B: Backend> Router<B> {
                     );
                     early = checked_out;
                     match mark {
-                        Ok(Some(m)) => need = need.max(Some(m.lsn)),
+                        Ok(Some(m)) => {
+                            mark_needed = true;
+                            need = need.max(Some(m.lsn));
+                        }
                         Ok(None) => {}
                         Err(()) => primary = matches!(inner.on_marks_failure(), Need::Primary),
                     }
                 }
+                crate::telemetry::read_guard(ctx.token.is_some(), mark_needed, primary);
                 let need = match need {
                     _ if primary => Need::Primary,
                     Some(lsn) => Need::AtLeast(lsn),
@@ -90,6 +96,11 @@ impl<B: Backend> Router<B> {
                 if let Some((node, pooled)) = early {
                     if inner.serves_at_once(&snap, ctx, need, node) {
                         bump(&inner.counters.reads_replica);
+                        crate::telemetry::read_on_replica(
+                            &inner.nodes[node].metrics,
+                            false,
+                            matches!(need, Need::AtLeast(_)),
+                        );
                         return Ok(ReadConn::new(inner.clone(), node, pooled, false));
                     }
                     // Not good enough after all: never handed out, it goes back as it came.
@@ -116,6 +127,7 @@ impl<B: Backend> Router<B> {
             Ok(v) => Ok(v),
             Err(e) if B::classify(&e) == ErrorKind::Connection => {
                 bump(&self.inner.counters.read_retries);
+                tracing::debug!(node = %conn.node_name(), "read retried elsewhere after a connection failure");
                 drop(conn.check::<()>(Err(e)));
                 drop(conn);
                 let mut conn = self.read_with(ctx).await?;
@@ -145,6 +157,7 @@ impl<B: Backend> Router<B> {
             Ok(v) => Ok(v),
             Err(e) if e.kind == ErrorKind::Connection => {
                 bump(&self.inner.counters.read_retries);
+                tracing::debug!(node = %conn.node_name(), "read retried elsewhere after a connection failure");
                 drop(conn.check_backend::<()>(Err(e)));
                 drop(conn);
                 let mut conn = self.read_with(ctx).await?;
