@@ -12,3 +12,10 @@ pub mod offload;
 pub mod peer;
 pub mod prometheus;
 pub mod web_service;
+
+/// The `q` quantile (0..=1) of sorted latencies, in milliseconds; 0 when there are none.
+pub fn percentile_ms(sorted: &[std::time::Duration], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}

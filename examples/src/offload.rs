@@ -94,19 +94,11 @@ pub async fn run(cluster: &Cluster, opts: &OffloadOptions) -> Result<Vec<Offload
         .wait_replicated(Duration::from_secs(10))
         .map_err(|e| e.to_string())?;
     let primary_port = i32::from(cluster.node(primary).port());
-    let replicas: Vec<usize> = (0..cluster.nodes().len())
-        .filter(|&i| i != primary)
-        .collect();
     let mut rows = Vec::new();
     for &delay in &opts.delays {
-        for &i in &replicas {
-            if delay.is_zero() {
-                cluster.clear_apply_delay(i)
-            } else {
-                cluster.set_apply_delay(i, delay)
-            }
+        cluster
+            .set_replicas_apply_delay(delay)
             .map_err(|e| e.to_string())?;
-        }
         for (name, mode) in modes() {
             let mut config = RouterConfig {
                 default_consistency: mode,
@@ -130,9 +122,7 @@ pub async fn run(cluster: &Cluster, opts: &OffloadOptions) -> Result<Vec<Offload
             router.shutdown();
         }
     }
-    for &i in &replicas {
-        let _ = cluster.clear_apply_delay(i);
-    }
+    let _ = cluster.set_replicas_apply_delay(Duration::ZERO);
     Ok(rows)
 }
 
@@ -223,11 +213,7 @@ async fn one(
     }
     let elapsed = started.elapsed().as_secs_f64();
     all.latencies.sort();
-    let pct = |q: f64| {
-        all.latencies
-            .get(((all.latencies.len() as f64 - 1.0) * q).round() as usize)
-            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-    };
+    let pct = |q: f64| crate::percentile_ms(&all.latencies, q);
     let reads = all.latencies.len() as u64;
     OffloadRow {
         mode: name.to_string(),

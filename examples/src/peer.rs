@@ -163,14 +163,9 @@ pub async fn compare(cluster: &Cluster, opts: &PeerOptions) -> Result<Vec<PeerRo
     let pooled: Arc<dyn System> = Arc::new(Pooled(pool.clone()));
     let mut rows = Vec::new();
     for &delay in &opts.delays {
-        for i in (0..cluster.nodes().len()).filter(|&i| i != primary) {
-            let set = if delay.is_zero() {
-                cluster.clear_apply_delay(i)
-            } else {
-                cluster.set_apply_delay(i, delay)
-            };
-            set.map_err(|e| e.to_string())?;
-        }
+        cluster
+            .set_replicas_apply_delay(delay)
+            .map_err(|e| e.to_string())?;
         let mut by_system: HashMap<&str, Vec<PeerRow>> = HashMap::new();
         for _ in 0..opts.rounds {
             for (name, system) in [("router", &routed), ("pgpool-II", &pooled)] {
@@ -186,9 +181,7 @@ pub async fn compare(cluster: &Cluster, opts: &PeerOptions) -> Result<Vec<PeerRo
             }
         }
     }
-    for i in (0..cluster.nodes().len()).filter(|&i| i != primary) {
-        let _ = cluster.clear_apply_delay(i);
-    }
+    let _ = cluster.set_replicas_apply_delay(Duration::ZERO);
     pool.close().await;
     router.shutdown();
     drop(pgpool);
@@ -277,11 +270,7 @@ async fn round(
     }
     let elapsed = started.elapsed().as_secs_f64();
     all.latencies.sort();
-    let pct = |q: f64| {
-        all.latencies
-            .get(((all.latencies.len() as f64 - 1.0) * q).round() as usize)
-            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-    };
+    let pct = |q: f64| crate::percentile_ms(&all.latencies, q);
     PeerRow {
         system: name.to_string(),
         delay_ms: delay.as_millis() as u64,

@@ -55,6 +55,16 @@ impl<B: Backend, E: From<Error>> Read<B, E> {
     }
 }
 
+impl<B: Backend, E> Read<B, E> {
+    fn new(state: Arc<RequestState<B>>) -> Self {
+        Read {
+            state,
+            session: None,
+            _error: PhantomData,
+        }
+    }
+}
+
 impl<B, S, E> FromRequestParts<S> for Read<B, E>
 where
     B: Backend,
@@ -64,11 +74,7 @@ where
     type Rejection = E;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, E> {
-        Ok(Read {
-            state: RequestState::of(parts)?,
-            session: None,
-            _error: PhantomData,
-        })
+        Ok(Read::new(RequestState::of(parts)?))
     }
 }
 
@@ -285,11 +291,7 @@ where
         Ok(if state.wants_write() {
             Db::Write(Write::new(state, Ending::Finish))
         } else {
-            Db::Read(Read {
-                state,
-                session: None,
-                _error: PhantomData,
-            })
+            Db::Read(Read::new(state))
         })
     }
 }

@@ -24,7 +24,7 @@
 //!   type parameter (default [`WebError`]) so handlers can use their own.
 //!
 //! ```no_run
-//! use axum::{routing::{get, post}, Json};
+//! use axum::routing::{get, post};
 //! use routing_axum::{force_primary, RoutingLayer, RegionHeader, Read, Tx, WebError};
 //! use routing_core::{Backend, Router};
 //!
@@ -39,7 +39,7 @@
 //!                 .region(RegionHeader::new("x-region").trust_proxy("10.0.0.0/8")),
 //!         )
 //! }
-//! # async fn list<B: Backend>(mut db: Read<B>) -> Result<Json<u64>, WebError> { db.conn().await?; Ok(Json(0)) }
+//! # async fn list<B: Backend>(mut db: Read<B>) -> Result<String, WebError> { db.conn().await?; Ok(String::new()) }
 //! # async fn transfer<B: Backend>(mut tx: Tx<B>) -> Result<(), WebError> { tx.conn().await?; Ok(()) }
 //! ```
 

@@ -854,6 +854,15 @@ impl Cluster {
         self.set_delay_ms(i, d.as_millis())
     }
 
+    /// [`Cluster::set_apply_delay`] on every replica of the current primary; a zero delay
+    /// removes it.
+    pub fn set_replicas_apply_delay(&self, d: Duration) -> Result<(), KitError> {
+        let primary = self.primary();
+        (0..self.nodes.len())
+            .filter(|&i| i != primary)
+            .try_for_each(|i| self.set_apply_delay(i, d))
+    }
+
     /// Removes the apply delay (commits held back are applied at once).
     pub fn clear_apply_delay(&self, i: usize) -> Result<(), KitError> {
         self.set_delay_ms(i, 0)
