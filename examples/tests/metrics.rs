@@ -203,9 +203,14 @@ async fn a_prometheus_scrape_finds_every_series() {
     assert!(on_primary, "busy replicas: the primary serves");
     drop((held_a, held_b));
 
-    // A marks store that never answers in time.
+    // A marks store that never answers in time. Node names label the metrics, so a second
+    // router in the process names its nodes apart (else its empty pools overwrite the gauges).
+    let mut stuck_nodes = c.node_configs();
+    for n in &mut stuck_nodes {
+        n.name = format!("stuck-{}", n.name);
+    }
     let stuck: Router = Router::builder(SqlxBackend::new())
-        .nodes(c.node_configs())
+        .nodes(stuck_nodes)
         .config(RouterConfig {
             probe_interval: Duration::from_millis(50),
             marks_timeout: Duration::from_millis(20),

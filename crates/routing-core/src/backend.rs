@@ -275,15 +275,18 @@ impl Epoch {
     }
 
     /// Does a pooled session idle for `idle_for` need [`Access::check_sql`] at checkout? Only
-    /// with `pre_ping`, and then when it has been idle for [`CHECK_IDLE_AFTER`], or since before
-    /// the last trouble the router saw (a node failed a probe or a request, or the topology
-    /// changed: a node that died and came back within the idle threshold left dead sessions in
-    /// its pools). Any other session is known good and costs no round trip at checkout.
-    pub fn needs_check(&self, settings: &PoolSettings, idle_for: Duration) -> bool {
+    /// with `pre_ping`, and then always for a writer session: a write sent on a session whose
+    /// server died is an unknown outcome, never retried, so a writer session is verified before
+    /// it is handed out. A read session only when it has been idle for [`CHECK_IDLE_AFTER`], or
+    /// since before the last trouble the router saw (a node failed a probe or a request, or the
+    /// topology changed: a node that died and came back within the idle threshold left dead
+    /// sessions in its pools); any other read session is known good and costs no round trip
+    /// (a read that finds a dead one fails once and can be retried elsewhere).
+    pub fn needs_check(&self, settings: &PoolSettings, access: Access, idle_for: Duration) -> bool {
         if !settings.pre_ping {
             return false;
         }
-        if idle_for >= CHECK_IDLE_AFTER {
+        if access == Access::ReadWrite || idle_for >= CHECK_IDLE_AFTER {
             return true;
         }
         let trouble = Duration::from_nanos(self.0.trouble_at_nanos.load(Ordering::Acquire));

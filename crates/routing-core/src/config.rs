@@ -23,7 +23,8 @@ pub enum RoleHint {
 /// One node of the cluster.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    /// Unique name, used in errors, logs and metrics.
+    /// Unique name, used in errors, logs and metrics (the `node` label: routers in one process
+    /// that export metrics name their nodes apart).
     pub name: String,
     /// Connection string (URL or conninfo); its password never appears in output.
     pub url: ConnString,

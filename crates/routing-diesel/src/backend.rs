@@ -236,9 +236,12 @@ impl ManageConnection for Manager {
             // transaction was left open. Never hand those out, pre-ping or not.
             return Err(s.err(ErrorKind::Connection, "session closed"));
         }
-        // A recently used session came back through a reset that succeeded (or untouched):
-        // known good, no round trip. Only one that sat idle is checked.
-        if !s.epoch.needs_check(&s.settings, c.idle_since.elapsed()) {
+        // A recently used read session came back through a reset that succeeded (or
+        // untouched): known good, no round trip. Writer sessions and idle ones are checked.
+        if !s
+            .epoch
+            .needs_check(&s.settings, s.access, c.idle_since.elapsed())
+        {
             return Ok(());
         }
         session_check(&s.label, s.access, &s.epoch, &mut c.conn).await

@@ -203,9 +203,10 @@ impl Backend for SqlxBackend {
                     if settings.is_expired(meta.age, meta.idle_for) {
                         return Ok(false);
                     }
-                    // A recently used session came back through a reset that succeeded (or
-                    // untouched): known good, no round trip. Only one that sat idle is checked.
-                    if !epoch.needs_check(&settings, meta.idle_for) {
+                    // A recently used read session came back through a reset that succeeded
+                    // (or untouched): known good, no round trip. Writer sessions and idle ones
+                    // are checked.
+                    if !epoch.needs_check(&settings, access, meta.idle_for) {
                         return Ok(true);
                     }
                     Ok(session_check(conn, access, &epoch).await?.is_ok())
