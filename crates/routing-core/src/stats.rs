@@ -41,8 +41,16 @@ counters! {
     mark_update_failures,
     /// Tokens from another cluster or timeline (read sent to the primary).
     tokens_untrusted,
-    /// Checkouts that failed and were retried elsewhere.
+    /// Checkouts that failed (the node did not give a session: connection refused, timeout,
+    /// a failed session check) and were retried elsewhere. Failures of queries on a session
+    /// are not counted here.
     checkout_failures,
+    /// Checkouts that found every session of a read pool in use (the node answers; the read
+    /// went elsewhere). A steady count says the pool is too small for the load.
+    checkouts_busy,
+    /// Failures a request saw on a node: a failed checkout, or a connection that broke under a
+    /// session's query. Each bans a replica and asks for a re-probe.
+    request_failures,
     /// Immediate re-probes requested by callers.
     reprobes_requested,
     /// Reads that `read_retrying` ran a second time, on another node, after a connection failure.

@@ -133,6 +133,13 @@ pub async fn busy_pools_never_ban_or_unseat_a_healthy_node<H: Harness>() {
         after.checkout_failures, before.checkout_failures,
         "a busy pool is not a failed node"
     );
+    assert_eq!(after.request_failures, before.request_failures);
+    assert!(
+        after.checkouts_busy >= before.checkouts_busy + 6,
+        "each read of the burst found both replica pools busy: {} -> {}",
+        before.checkouts_busy,
+        after.checkouts_busy
+    );
 
     drop(reads);
     drop(writes);

@@ -1023,13 +1023,13 @@ pub async fn killed_replica_stops_receiving_reads<H: Harness>() {
     eprintln!(
         "[conformance] 20 reads right after a kill (monitor asleep) all succeeded in {:?} ({} failure on the dead node, {} retried read)",
         killed_at.elapsed(),
-        stats.checkout_failures,
+        stats.request_failures,
         stats.read_retries
     );
-    // `checkout_failures` counts every failure reported on the request path: a failed checkout,
-    // or the failed query of a session handed out before anyone noticed the kill.
+    // `request_failures` counts every failure seen on the request path: a failed checkout, or
+    // the failed query of a session handed out before anyone noticed the kill.
     assert_eq!(
-        stats.checkout_failures, 1,
+        stats.request_failures, 1,
         "the dead replica is tried once, then banned"
     );
     assert!(stats.read_retries <= 1, "at most that one read is retried");

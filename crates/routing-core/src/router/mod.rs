@@ -417,12 +417,24 @@ impl<B: Backend> Inner<B> {
         }
     }
 
+    /// A checkout on node `i` failed: counted as busy or failed, then reported.
+    pub(super) fn report_checkout_failure(&self, i: usize, why: &BackendError) {
+        if why.kind == ErrorKind::PoolBusy {
+            bump(&self.counters.checkouts_busy);
+        } else {
+            bump(&self.counters.checkout_failures);
+        }
+        self.report_failure(i, why);
+    }
+
+    /// Node `i` failed a request (a checkout, a wait or a query): a replica is banned and the
+    /// monitor re-probes. A busy pool is not a failure.
     pub(super) fn report_failure(&self, i: usize, why: &BackendError) {
         if why.kind == ErrorKind::PoolBusy {
             tracing::debug!(node = %self.nodes[i].name, error = %why, "pool busy");
             return;
         }
-        bump(&self.counters.checkout_failures);
+        bump(&self.counters.request_failures);
         tracing::warn!(node = %self.nodes[i].name, error = %why, "node failed on the request path");
         if self.topo.load().nodes[i].role == NodeRole::Replica {
             self.record_failure(i, why);

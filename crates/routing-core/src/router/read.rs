@@ -287,7 +287,7 @@ impl<B: Backend> Inner<B> {
                 Err(e) => {
                     // A busy pool is not banned (`report_failure` ignores it): the replica stays
                     // eligible; this read tries another node.
-                    self.report_failure(choice, &e);
+                    self.report_checkout_failure(choice, &e);
                     excluded.push(choice);
                     continue;
                 }
@@ -338,7 +338,7 @@ impl<B: Backend> Inner<B> {
         match node.refusal.checkout(B::checkout(&node.reader_pool)).await {
             Ok(pooled) => Some((choice, pooled)),
             Err(e) => {
-                self.report_failure(choice, &e);
+                self.report_checkout_failure(choice, &e);
                 None
             }
         }
