@@ -252,6 +252,13 @@ pub struct RouterConfig {
     /// How long a write waits for a reachable primary before failing.
     pub write_deadline: Duration,
     /// How long an LSN-mode read may wait for a replica to catch up before using the primary.
+    /// It waits only on a replica expected to catch up within half of it (from the probe's lag
+    /// and what the router's recent waits on that replica took), so the budget also says how
+    /// much latency a read may trade for keeping the primary free. The default (20 ms) is
+    /// latency first: a replica a few milliseconds behind is worth waiting for, one 20 ms
+    /// behind is not (the primary answers sooner). For primary offload first, set it to about twice the
+    /// lag you will live with (reads right after a write then wait about that lag); `0` never
+    /// waits. Figures: `BENCHMARKS.md`, "Offload and latency under lag".
     pub wait_budget: Duration,
     /// Lag bounds for replicas.
     pub lag: LagBounds,
@@ -283,7 +290,7 @@ impl Default for RouterConfig {
             probe_interval: Duration::from_millis(250),
             probe_timeout: Duration::from_secs(1),
             write_deadline: Duration::from_secs(5),
-            wait_budget: Duration::from_millis(50),
+            wait_budget: Duration::from_millis(20),
             lag: LagBounds::default(),
             ban: BanPolicy::default(),
             mark_ttl: Duration::from_secs(30),

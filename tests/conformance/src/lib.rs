@@ -116,6 +116,7 @@ macro_rules! conformance_tests {
             eventual_reads_observe_replication_lag,
             recent_writer_ttl_never_reads_stale,
             read_your_writes_never_reads_stale,
+            a_replica_that_keeps_lagging_is_not_waited_on_in_vain,
             causal_tokens_never_read_stale,
             lagging_replica_is_excluded_and_readmitted,
             killed_replica_stops_receiving_reads,
@@ -700,6 +701,59 @@ async fn ready_setup<H: Harness>(
     })
     .await;
     (r, t)
+}
+
+/// A replica the probe shows caught up (its last probe compared it with the primary's position
+/// at the primary's last probe, before the writes) but that stays 300 ms behind: the first
+/// guarded read waits on it and runs out of budget; after that the router remembers what the
+/// wait took and sends the next reads straight to the primary instead of waiting in vain each
+/// time (the planner's `CatchUp`; before it, every one of these reads waited out the budget).
+pub async fn a_replica_that_keeps_lagging_is_not_waited_on_in_vain<H: Harness>() {
+    let config = RouterConfig {
+        // No probe while the pairs run: the snapshot keeps showing the replicas caught up.
+        probe_interval: Duration::from_secs(30),
+        wait_budget: Duration::from_millis(200),
+        ..test_config()
+    };
+    let (r, t) = staleness_setup::<H>("futile_waits", config).await;
+    kit(|| delayed_cluster().wait_replicated(Duration::from_secs(10))).expect("replicated");
+    r.reprobe();
+    wait_until(
+        "both replicas shown caught up",
+        Duration::from_secs(5),
+        || {
+            let s = r.snapshot();
+            s.nodes[1..].iter().all(|n| n.lag == Some(Duration::ZERO))
+        },
+    )
+    .await;
+    let user = RequestContext::new().user("futile-waits");
+    let read = user.clone().consistency(Consistency::ReadYourWrites);
+    let before = r.stats();
+    let started = Instant::now();
+    let out = write_then_read(&r, &t, &user, |_| read.clone()).await;
+    let elapsed = started.elapsed();
+    let after = r.stats();
+    let (waits, timeouts) = (
+        after.lsn_waits - before.lsn_waits,
+        after.lsn_wait_timeouts - before.lsn_wait_timeouts,
+    );
+    eprintln!("[conformance]   {waits} LSN waits, {timeouts} ran out, in {elapsed:?}");
+    assert_eq!(out.stale, 0, "never stale");
+    assert!(
+        waits >= 1,
+        "the snapshot invited a wait: the test shows nothing otherwise"
+    );
+    // One wait per replica, then one more per replica each time the estimate is forgotten.
+    let allowed = 2 * (elapsed.as_secs() + 1);
+    assert!(
+        timeouts <= allowed,
+        "{timeouts} of {PAIRS} reads waited out the budget in {elapsed:?} (at most {allowed})"
+    );
+    assert!(
+        out.on_primary >= PAIRS - allowed,
+        "the rest went to the primary at once"
+    );
 }
 
 /// The control: with replicas 300 ms behind, an `Eventual` read right after a write misses it.

@@ -76,6 +76,8 @@ pub(crate) struct NodeRuntime<B: Backend> {
     pub(crate) read_only_role: bool,
     /// Its request-path metrics, registered at build.
     pub(crate) metrics: crate::telemetry::NodeMetrics,
+    /// What the router's recent waits for its replay took (the read planner's prediction).
+    pub(super) catch_up: plan::CatchUp,
 }
 
 pub(crate) struct Inner<B: Backend> {
@@ -259,6 +261,7 @@ impl<B: Backend> RouterBuilder<B> {
                 refusal: refusal.clone(),
                 read_only_role: n.reader_url.is_some(),
                 metrics: crate::telemetry::NodeMetrics::new(&Arc::from(n.name.as_str())),
+                catch_up: plan::CatchUp::default(),
             });
             refusals.push(refusal);
             probe_pools.push(pool(Access::Probe, probe_settings)?);

@@ -2,6 +2,7 @@
 //! replicas a read may go to, in which order, and where it must wait or verify. The router acts
 //! on the plan (checks out, waits, falls back to the primary); unit tests check the plan alone.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
@@ -29,6 +30,67 @@ pub(crate) struct Step {
     pub(crate) wait: bool,
 }
 
+/// An estimate this old is forgotten: the next guarded read may wait on the replica again
+/// (once), and times that wait. So a replica that stopped lagging is waited on again within
+/// about this long, and one that keeps lagging costs at most one futile wait per period.
+pub(crate) const CATCH_UP_MEMORY: Duration = Duration::from_secs(1);
+
+/// How long the router's recent waits for one replica's replay took: the planner's prediction
+/// of the next wait. The probe's lag alone cannot tell: it compares the replica with the
+/// primary's position at the primary's last probe (up to a probe interval old), so a replica a
+/// steady 20-50 ms behind reads as caught up at most probes. Lock-free; written by every wait.
+#[derive(Debug)]
+pub(crate) struct CatchUp {
+    born: Instant,
+    /// The estimate (ns), a running mean of the last waits.
+    nanos: AtomicU64,
+    /// When it was last updated (ns since `born`; 0: never).
+    at: AtomicU64,
+}
+
+impl Default for CatchUp {
+    fn default() -> Self {
+        CatchUp {
+            born: Instant::now(),
+            nanos: AtomicU64::new(0),
+            at: AtomicU64::new(0),
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl CatchUp {
+    /// Records a wait that took `took`; `caught_up` false when it ran out of budget (the replay
+    /// then takes at least that long).
+    pub(crate) fn record(&self, took: Duration, caught_up: bool, budget: Duration, now: Instant) {
+        let sample = nanos(if caught_up { took } else { took.max(budget) });
+        let stamp = nanos(now.saturating_duration_since(self.born)).max(1);
+        let old = self.nanos.load(Ordering::Relaxed);
+        let value = match self.expected_nanos(now) {
+            // A quarter weight to the newest wait: one slow wait on a loaded machine does not
+            // condemn a replica, a lasting change in lag shows within a few waits.
+            Some(_) => old - old / 4 + sample / 4,
+            None => sample,
+        };
+        self.nanos.store(value, Ordering::Relaxed);
+        self.at.store(stamp, Ordering::Relaxed);
+    }
+
+    /// The expected wait, if the router waited on this replica within [`CATCH_UP_MEMORY`].
+    pub(crate) fn expected(&self, now: Instant) -> Option<Duration> {
+        self.expected_nanos(now).map(Duration::from_nanos)
+    }
+
+    fn expected_nanos(&self, now: Instant) -> Option<u64> {
+        let at = self.at.load(Ordering::Relaxed);
+        let age = nanos(now.saturating_duration_since(self.born)).saturating_sub(at);
+        (at != 0 && age < nanos(CATCH_UP_MEMORY)).then(|| self.nanos.load(Ordering::Relaxed))
+    }
+}
+
 /// Replicas for a read that needs `need` (`Any` or `AtLeast`), best first; empty when only the
 /// primary can serve it.
 ///
@@ -36,7 +98,9 @@ pub(crate) struct Step {
 ///   nothing: its LSNs are on a dead branch. For a guarded read its timeline must be known too.
 /// - Without an LSN: one step per region tier, own region first ([`RegionPolicy::rank`]).
 /// - With an LSN: replicas the snapshot shows past it, by tier; then replicas worth waiting for
-///   (last measured lag within half the budget), by tier. With
+///   (expected catch-up within half the budget), by tier. The expected catch-up is the
+///   larger of the probe's lag and `expected_wait` (what the router's recent waits on that
+///   replica took, [`CatchUp`]); a replica of unknown lag is not waited on. With
 ///   [`RegionPolicy::wait_locally_first`], each tier's waits come before the next tier.
 /// - A load-balanced node ([`crate::NodeConfig::load_balanced`]) is never taken as caught up
 ///   from the snapshot (its probe reached one server of several): a guarded read verifies the
@@ -48,6 +112,7 @@ pub(crate) fn plan_replicas(
     region: Option<&Region>,
     need: Need,
     wait_budget: Duration,
+    expected_wait: impl Fn(usize) -> Option<Duration>,
 ) -> SmallVec<[Step; 4]> {
     let lsn = match need {
         Need::Primary => return SmallVec::new(),
@@ -75,7 +140,10 @@ pub(crate) fn plan_replicas(
     let hopeful = |i: &usize| {
         !wait_budget.is_zero()
             && !caught_up(i)
-            && snap.nodes[*i].lag.unwrap_or(Duration::MAX) <= wait_budget / 2
+            && snap.nodes[*i]
+                .lag
+                .map(|lag| expected_wait(*i).map_or(lag, |w| w.max(lag)))
+                .is_some_and(|expected| expected <= wait_budget / 2)
     };
     if regions.waits_locally_first() {
         for tier in &tiers {
@@ -178,6 +246,7 @@ mod tests {
             Some(&Region::new("eu")),
             need,
             BUDGET,
+            |_| None,
         )
         .into_iter()
         .map(|st| (st.among.to_vec(), st.wait))
@@ -266,7 +335,56 @@ mod tests {
             None,
             Need::AtLeast(lsn(1000)),
             Duration::ZERO,
+            |_| None,
         );
         assert!(steps.is_empty());
+    }
+
+    #[test]
+    fn a_replica_whose_recent_waits_were_long_is_not_waited_on() {
+        // Replica 1 shows no lag (the probe compared it with an old primary position), but the
+        // router's last waits on it took 60 ms: beyond half the budget, so not worth a wait.
+        let s = snap(&[("eu", Some(2), 900, 0), ("eu", Some(2), 900, 0)]);
+        let steps = plan_replicas(
+            &s,
+            Instant::now(),
+            &RegionPolicy::default(),
+            None,
+            Need::AtLeast(lsn(1000)),
+            BUDGET,
+            |i| (i == 1).then_some(Duration::from_millis(60)),
+        );
+        let steps: Vec<_> = steps
+            .into_iter()
+            .map(|s| (s.among.to_vec(), s.wait))
+            .collect();
+        assert_eq!(steps, vec![(vec![2], true)]);
+    }
+
+    #[test]
+    fn catch_up_estimates_follow_the_waits_and_are_forgotten() {
+        let c = CatchUp::default();
+        let t0 = Instant::now();
+        assert_eq!(c.expected(t0), None, "no wait yet");
+        c.record(Duration::from_millis(2), true, BUDGET, t0);
+        assert_eq!(c.expected(t0), Some(Duration::from_millis(2)));
+        // A wait that ran out counts as at least the budget.
+        c.record(Duration::from_millis(1), false, BUDGET, t0);
+        assert_eq!(
+            c.expected(t0),
+            Some(Duration::from_micros(1_500) + BUDGET / 4)
+        );
+        assert_eq!(c.expected(t0 + CATCH_UP_MEMORY), None, "forgotten");
+        // After that, the next wait starts a new estimate.
+        c.record(
+            Duration::from_millis(3),
+            true,
+            BUDGET,
+            t0 + CATCH_UP_MEMORY * 2,
+        );
+        assert_eq!(
+            c.expected(t0 + CATCH_UP_MEMORY * 2),
+            Some(Duration::from_millis(3))
+        );
     }
 }

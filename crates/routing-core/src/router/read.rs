@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use smallvec::SmallVec;
 
-use super::plan::{Need, plan_replicas};
+use super::plan::{Need, Step, plan_replicas};
 use super::session::{Session, classified};
 use super::{Inner, Router};
 use crate::backend::sql;
@@ -254,14 +254,7 @@ impl<B: Backend> Inner<B> {
         ctx: &RequestContext,
         need: Need,
     ) -> Result<ReadConn<B>, Error> {
-        let steps = plan_replicas(
-            snap,
-            Instant::now(),
-            &self.regions,
-            ctx.region.as_ref(),
-            need,
-            self.config.wait_budget,
-        );
+        let steps = self.plan(snap, ctx, need);
         let lsn = match need {
             Need::AtLeast(lsn) => Some(lsn),
             _ => None,
@@ -294,8 +287,15 @@ impl<B: Backend> Inner<B> {
             };
             if let (true, Some(lsn)) = (must_wait, lsn) {
                 bump(&self.counters.lsn_waits);
+                let started = Instant::now();
                 let wait = self.wait_for_replay(choice, pooled, lsn);
-                match crate::telemetry::lsn_wait(&node.metrics, wait).await {
+                let outcome = crate::telemetry::lsn_wait(&node.metrics, wait).await;
+                if let Ok(waited) = &outcome {
+                    let (budget, now) = (self.config.wait_budget, Instant::now());
+                    let took = now - started;
+                    node.catch_up.record(took, waited.is_some(), budget, now);
+                }
+                match outcome {
                     Ok(Some(caught_up)) => pooled = caught_up,
                     Ok(None) => {
                         bump(&self.counters.lsn_wait_timeouts);
@@ -324,14 +324,7 @@ impl<B: Backend> Inner<B> {
         ctx: &RequestContext,
         need: Need,
     ) -> Option<(usize, B::Pooled)> {
-        let steps = plan_replicas(
-            snap,
-            Instant::now(),
-            &self.regions,
-            ctx.region.as_ref(),
-            need,
-            self.config.wait_budget,
-        );
+        let steps = self.plan(snap, ctx, need);
         let first = steps.first().filter(|s| !s.wait && !s.among.is_empty())?;
         let choice = self.pick(snap, &first.among);
         let node = &self.nodes[choice];
@@ -352,17 +345,25 @@ impl<B: Backend> Inner<B> {
         need: Need,
         node: usize,
     ) -> bool {
-        let steps = plan_replicas(
+        let steps = self.plan(snap, ctx, need);
+        steps
+            .first()
+            .is_some_and(|s| !s.wait && s.among.contains(&node))
+    }
+
+    /// The read plan for `need` (see [`plan_replicas`]), with what this router's recent waits
+    /// on each replica took.
+    fn plan(&self, snap: &Snapshot, ctx: &RequestContext, need: Need) -> SmallVec<[Step; 4]> {
+        let now = Instant::now();
+        plan_replicas(
             snap,
-            Instant::now(),
+            now,
             &self.regions,
             ctx.region.as_ref(),
             need,
             self.config.wait_budget,
-        );
-        steps
-            .first()
-            .is_some_and(|s| !s.wait && s.among.contains(&node))
+            |i| self.nodes.get(i).and_then(|n| n.catch_up.expected(now)),
+        )
     }
 
     fn pick(&self, snap: &Snapshot, among: &[usize]) -> usize {
