@@ -8,8 +8,9 @@ use crate::offload::OffloadRow;
 const W: f64 = 960.0;
 const PANEL: f64 = 340.0;
 const LEFT: f64 = 70.0;
-const COLORS: [&str; 6] = [
-    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#b07aa1",
+const COLORS: [&str; 10] = [
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#b07aa1", "#edc948", "#ff9da7",
+    "#9c755f", "#bab0ac",
 ];
 
 fn esc(s: &str) -> String {
@@ -177,6 +178,9 @@ mod tests {
             read_p99_ms: 1.2,
             reads: 10,
             read_throughput: 100.0,
+            wait_budget_ms: 50,
+            lsn_waits: 0,
+            primary_reads: 0,
             failed: 0,
         };
         let rows = vec![
