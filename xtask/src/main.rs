@@ -87,7 +87,7 @@ fn test() -> Result<(), Fail> {
     let root = workspace_root();
 
     step(
-        "prerequisites: PostgreSQL server binaries and redis-server",
+        "prerequisites: PostgreSQL server binaries, redis-server, pgpool-II",
         prereq::ensure,
     )?;
     step("cargo-deny: bans, licenses, sources", || {
@@ -160,7 +160,7 @@ fn test() -> Result<(), Fail> {
 /// `cargo xtask demo`: the guided tour, once the examples package exists.
 fn demo() -> Result<(), Fail> {
     step(
-        "prerequisites: PostgreSQL server binaries and redis-server",
+        "prerequisites: PostgreSQL server binaries, redis-server, pgpool-II",
         prereq::ensure,
     )?;
     let root = workspace_root();
@@ -180,7 +180,7 @@ fn demo() -> Result<(), Fail> {
 /// `cargo xtask chaos [ARGS]`: pass-through to the chaos binary (release build).
 fn chaos(args: &[String]) -> Result<(), Fail> {
     step(
-        "prerequisites: PostgreSQL server binaries and redis-server",
+        "prerequisites: PostgreSQL server binaries, redis-server, pgpool-II",
         prereq::ensure,
     )?;
     let root = workspace_root();
@@ -211,7 +211,7 @@ fn chaos(args: &[String]) -> Result<(), Fail> {
 /// `cargo xtask bench [--quick] [--json FILE]`: pass-through to the benchmark (release build).
 fn bench(args: &[String]) -> Result<(), Fail> {
     step(
-        "prerequisites: PostgreSQL server binaries and redis-server",
+        "prerequisites: PostgreSQL server binaries, redis-server, pgpool-II",
         prereq::ensure,
     )?;
     let root = workspace_root();
