@@ -31,7 +31,7 @@ pub fn svg(rows: &[OffloadRow], delay_ms: u64) -> String {
             delays.push(r.delay_ms);
         }
     }
-    let height = 2.0 * PANEL + 120.0;
+    let height = 2.0 * PANEL + 160.0;
     let mut out = String::new();
     let _ = write!(
         out,
@@ -40,7 +40,7 @@ pub fn svg(rows: &[OffloadRow], delay_ms: u64) -> String {
 "#
     );
     latency_panel(&mut out, rows, &modes, delay_ms, 30.0);
-    share_panel(&mut out, rows, &modes, &delays, PANEL + 90.0);
+    share_panel(&mut out, rows, &modes, &delays, PANEL + 130.0);
     out.push_str("</svg>\n");
     out
 }
@@ -105,11 +105,11 @@ fn latency_panel(out: &mut String, rows: &[OffloadRow], modes: &[&str], delay_ms
                 if j == 0 { "p50" } else { "p99" }
             );
         }
+        // Slanted, so that long mode names (`ReadYourWrites wait=200 ms`) do not overlap.
+        let (lx, ly) = (x + slot / 2.0, bottom + 14.0);
         let _ = writeln!(
             out,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
-            x + slot / 2.0,
-            bottom + 16.0,
+            r#"<text x="{lx:.1}" y="{ly}" text-anchor="end" font-size="10" transform="rotate(-25 {lx:.1} {ly})">{}</text>"#,
             esc(mode)
         );
     }

@@ -20,7 +20,7 @@ usage: cargo xtask <command>
 
 commands:
   test                      the project's full check, as CI runs it: prerequisites (PostgreSQL,
-                            redis-server), cargo-deny, rustfmt, clippy, cargo doc (broken
+                            redis-server, pgpool2), cargo-deny, rustfmt, clippy, cargo doc (broken
                             intra-doc links denied), cargo test --workspace, and a check that
                             the tests left no server or cluster behind
   demo                      check prerequisites, then run the guided tour
@@ -30,9 +30,11 @@ commands:
                             through (cargo run --release -p routing-examples --bin chaos -- ARGS)
   bench [--quick] [--json FILE]
                             check prerequisites, then measure what routing costs per request
-                            against the raw driver pools (cargo run --release -p routing-examples
-                            --bin bench -- ARGS); writes FILE (default target/bench/bench.json)
-                            and a markdown report beside it. --quick: short rounds (< 2 min)
+                            against the raw driver pools, the decision cost, scale, offload under
+                            lag, pgpool-II side by side and failover (cargo run --release -p
+                            routing-examples --bin bench -- ARGS); writes FILE (default
+                            target/bench/bench.json), a markdown report and an SVG chart beside
+                            it. --quick: short rounds (about 40 s), fails on a missing field
   ha [--json FILE] [--quick]
                             install patroni, etcd-server and haproxy when missing, then run the
                             HA workload on a real etcd + Patroni + HAProxy stack (switchover,
@@ -208,7 +210,8 @@ fn chaos(args: &[String]) -> Result<(), Fail> {
     )
 }
 
-/// `cargo xtask bench [--quick] [--json FILE]`: pass-through to the benchmark (release build).
+/// `cargo xtask bench [--quick] [--json FILE]`: pass-through to the benchmark (release build):
+/// every section of issue #15 in one run, one JSON, one report, one chart.
 fn bench(args: &[String]) -> Result<(), Fail> {
     step(
         "prerequisites: PostgreSQL server binaries, redis-server, pgpool-II",

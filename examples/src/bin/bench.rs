@@ -12,7 +12,19 @@
 //!   `total_commands_processed`), marks-store calls, session resets (each a spawned task) and
 //!   where the time goes (checkout, the work, the guard's drop), at concurrency 1.
 //!
-//! Writes the JSON (`--json`, default `target/bench/bench.json`) and a markdown report next to it.
+//! - **Decision** (`decision_ns`): the routing decision in-process on routing-core's fake
+//!   backend, as its criterion bench does (`routing_examples::decision`).
+//! - **Scale**: Eventual read throughput at concurrency 1/4/16/64 with 1, 2 (and in the full run
+//!   4) replicas beside a raw pool, with the machine's CPU use (`routing_examples::scale`).
+//! - **Offload**: the read-after-write workload per mode and apply delay, with the default wait
+//!   budget and with others for ReadYourWrites/Causal (`routing_examples::offload`).
+//! - **Peer**: pgpool-II beside the router on a 90/10 mixed workload (`routing_examples::peer`).
+//! - **Failover**: promotion to first write, killed and blackholed primary, fresh clusters
+//!   (`routing_examples::failover`).
+//!
+//! Writes the JSON (`--json`, default `target/bench/bench.json`), a markdown report and an SVG
+//! chart (`routing_examples::chart`: read latency per mode at 50 ms delay, replica share per mode
+//! by delay) next to it. `--quick` (about 40 s) is run by `examples/tests/bench_quick.rs`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -1441,7 +1453,7 @@ fn main() {
                 concurrency: 8,
                 delays: vec![ms(0), ms(20), ms(50), ms(200)],
                 wait_budget: None,
-                extra_wait_budgets: vec![ms(0), ms(200)],
+                extra_wait_budgets: vec![ms(0), ms(2), ms(200)],
             },
             peer: PeerOptions {
                 run_time: ms(3000),
