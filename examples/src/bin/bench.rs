@@ -1430,6 +1430,7 @@ fn main() {
                 concurrency: 4,
                 rounds: 1,
                 delays: vec![ms(0)],
+                extra_wait_budgets: vec![],
             },
             failover_runs: 1,
             scale: ScaleOptions {
@@ -1460,6 +1461,7 @@ fn main() {
                 concurrency: 8,
                 rounds: 3,
                 delays: vec![ms(0), ms(50)],
+                extra_wait_budgets: vec![ms(0)],
             },
             failover_runs: 5,
             scale: ScaleOptions {
