@@ -8,8 +8,9 @@ use crate::offload::OffloadRow;
 const W: f64 = 960.0;
 const PANEL: f64 = 340.0;
 const LEFT: f64 = 70.0;
-const COLORS: [&str; 6] = [
-    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#b07aa1",
+const COLORS: [&str; 10] = [
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#b07aa1", "#edc948", "#ff9da7",
+    "#9c755f", "#bab0ac",
 ];
 
 fn esc(s: &str) -> String {
@@ -30,7 +31,7 @@ pub fn svg(rows: &[OffloadRow], delay_ms: u64) -> String {
             delays.push(r.delay_ms);
         }
     }
-    let height = 2.0 * PANEL + 120.0;
+    let height = 2.0 * PANEL + 160.0;
     let mut out = String::new();
     let _ = write!(
         out,
@@ -39,7 +40,7 @@ pub fn svg(rows: &[OffloadRow], delay_ms: u64) -> String {
 "#
     );
     latency_panel(&mut out, rows, &modes, delay_ms, 30.0);
-    share_panel(&mut out, rows, &modes, &delays, PANEL + 90.0);
+    share_panel(&mut out, rows, &modes, &delays, PANEL + 130.0);
     out.push_str("</svg>\n");
     out
 }
@@ -104,11 +105,11 @@ fn latency_panel(out: &mut String, rows: &[OffloadRow], modes: &[&str], delay_ms
                 if j == 0 { "p50" } else { "p99" }
             );
         }
+        // Slanted, so that long mode names (`ReadYourWrites wait=200 ms`) do not overlap.
+        let (lx, ly) = (x + slot / 2.0, bottom + 14.0);
         let _ = writeln!(
             out,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
-            x + slot / 2.0,
-            bottom + 16.0,
+            r#"<text x="{lx:.1}" y="{ly}" text-anchor="end" font-size="10" transform="rotate(-25 {lx:.1} {ly})">{}</text>"#,
             esc(mode)
         );
     }
@@ -177,6 +178,9 @@ mod tests {
             read_p99_ms: 1.2,
             reads: 10,
             read_throughput: 100.0,
+            wait_budget_ms: 50,
+            lsn_waits: 0,
+            primary_reads: 0,
             failed: 0,
         };
         let rows = vec![

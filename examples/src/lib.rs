@@ -1,16 +1,18 @@
 //! Runnable material: the consistency checker (`cargo xtask chaos`), the product tour
 //! (`cargo xtask demo`), the web examples' service ([`web_service`]) with a minimal HTTP
-//! client ([`http`]), benchmark workloads ([`offload`], [`peer`]) and the HA workload ([`ha`],
+//! client ([`http`]), benchmark workloads ([`offload`], [`peer`], [`failover`], [`scale`], [`decision`], drawn by [`chart`]; run together by `cargo xtask bench`) and the HA workload ([`ha`],
 //! `cargo xtask ha`). Not published.
 
 pub mod chaos;
 pub mod chart;
+pub mod decision;
 pub mod failover;
 pub mod ha;
 pub mod http;
 pub mod offload;
 pub mod peer;
 pub mod prometheus;
+pub mod scale;
 pub mod web_service;
 
 /// The `q` quantile (0..=1) of sorted latencies, in milliseconds; 0 when there are none.

@@ -33,6 +33,12 @@ pub struct OffloadRow {
     pub reads: u64,
     /// Reads per second.
     pub read_throughput: f64,
+    /// The router's wait budget for this row, milliseconds.
+    pub wait_budget_ms: u64,
+    /// Reads that waited for a replica to replay the LSN.
+    pub lsn_waits: u64,
+    /// Reads the primary served (fallbacks included).
+    pub primary_reads: u64,
     /// Requests that failed.
     pub failed: u64,
 }
@@ -48,6 +54,10 @@ pub struct OffloadOptions {
     pub delays: Vec<Duration>,
     /// The router's wait budget (`RouterConfig::wait_budget`); `None` keeps the default.
     pub wait_budget: Option<Duration>,
+    /// Further wait budgets to run `ReadYourWrites` and `Causal` with (named
+    /// `ReadYourWrites wait=N ms`), to show what waiting for a replica costs against falling
+    /// back to the primary (0: never wait).
+    pub extra_wait_budgets: Vec<Duration>,
 }
 
 /// The modes compared, by name.
@@ -99,14 +109,27 @@ pub async fn run(cluster: &Cluster, opts: &OffloadOptions) -> Result<Vec<Offload
         cluster
             .set_replicas_apply_delay(delay)
             .map_err(|e| e.to_string())?;
-        for (name, mode) in modes() {
+        let mut runs: Vec<(String, Consistency, Option<Duration>)> = modes()
+            .into_iter()
+            .map(|(name, mode)| (name, mode, opts.wait_budget))
+            .collect();
+        for &budget in &opts.extra_wait_budgets {
+            for (name, mode) in modes() {
+                if matches!(mode, Consistency::ReadYourWrites | Consistency::Causal) {
+                    let name = format!("{name} wait={} ms", budget.as_millis());
+                    runs.push((name, mode, Some(budget)));
+                }
+            }
+        }
+        for (name, mode, budget) in runs {
             let mut config = RouterConfig {
                 default_consistency: mode,
                 ..RouterConfig::default()
             };
-            if let Some(budget) = opts.wait_budget {
+            if let Some(budget) = budget {
                 config.wait_budget = budget;
             }
+            let budget_ms = config.wait_budget.as_millis() as u64;
             let router = Router::builder(SqlxBackend::new())
                 .nodes(cluster.node_configs())
                 .config(config)
@@ -118,7 +141,13 @@ pub async fn run(cluster: &Cluster, opts: &OffloadOptions) -> Result<Vec<Offload
                 .build()
                 .await
                 .map_err(|e| e.to_string())?;
-            rows.push(one(&router, &name, opts, primary_port, delay).await);
+            let before = router.stats();
+            let mut row = one(&router, &name, opts, primary_port, delay).await;
+            let after = router.stats();
+            row.wait_budget_ms = budget_ms;
+            row.lsn_waits = after.lsn_waits - before.lsn_waits;
+            row.primary_reads = after.reads_primary - before.reads_primary;
+            rows.push(row);
             router.shutdown();
         }
     }
@@ -224,6 +253,9 @@ async fn one(
         read_p99_ms: pct(0.99),
         reads,
         read_throughput: reads as f64 / elapsed,
+        wait_budget_ms: 0,
+        lsn_waits: 0,
+        primary_reads: 0,
         failed: all.failed,
     }
 }

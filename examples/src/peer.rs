@@ -116,6 +116,9 @@ pub struct PeerOptions {
     pub rounds: usize,
     /// Replica apply delays to run at.
     pub delays: Vec<Duration>,
+    /// Further routers to run beside the default one, each with this `wait_budget` (system
+    /// `router wait=N ms`): the latency-first setting against pgpool-II.
+    pub extra_wait_budgets: Vec<Duration>,
 }
 
 /// Runs the comparison on `cluster` (primary + replicas), starting pgpool-II in front of it.
@@ -140,27 +143,42 @@ pub async fn compare(cluster: &Cluster, opts: &PeerOptions) -> Result<Vec<PeerRo
         .start_pgpool(opts.concurrency + 4)
         .map_err(|e| e.to_string())?;
     let primary_port = i32::from(cluster.node(primary).port());
-    let router = Router::builder(SqlxBackend::new())
-        .nodes(cluster.node_configs())
-        .config(RouterConfig {
+    let build = |wait_budget: Option<Duration>| {
+        let mut config = RouterConfig {
             default_consistency: Consistency::ReadYourWrites,
             pool: routing_core::PoolSettings {
                 max_size: opts.concurrency as u32,
                 ..routing_core::PoolSettings::default()
             },
             ..RouterConfig::default()
-        })
-        .marks(Arc::new(InMemoryMarks::default()))
-        .build()
-        .await
-        .map_err(|e| e.to_string())?;
+        };
+        if let Some(b) = wait_budget {
+            config.wait_budget = b;
+        }
+        Router::builder(SqlxBackend::new())
+            .nodes(cluster.node_configs())
+            .config(config)
+            .marks(Arc::new(InMemoryMarks::default()))
+            .build()
+    };
+    let router = build(None).await.map_err(|e| e.to_string())?;
+    let mut systems: Vec<(String, Arc<dyn System>)> =
+        vec![("router".into(), Arc::new(Routed(router.clone())))];
+    let mut routers = vec![router];
+    for &b in &opts.extra_wait_budgets {
+        let r = build(Some(b)).await.map_err(|e| e.to_string())?;
+        systems.push((
+            format!("router wait={} ms", b.as_millis()),
+            Arc::new(Routed(r.clone())),
+        ));
+        routers.push(r);
+    }
     let pool = PgPoolOptions::new()
         .max_connections(opts.concurrency as u32)
         .connect(&pgpool.url(WRITER_ROLE, WRITER_PASSWORD))
         .await
         .map_err(|e| format!("connecting through pgpool: {e}"))?;
-    let routed: Arc<dyn System> = Arc::new(Routed(router.clone()));
-    let pooled: Arc<dyn System> = Arc::new(Pooled(pool.clone()));
+    systems.push(("pgpool-II".into(), Arc::new(Pooled(pool.clone()))));
     let mut rows = Vec::new();
     for &delay in &opts.delays {
         cluster
@@ -168,13 +186,13 @@ pub async fn compare(cluster: &Cluster, opts: &PeerOptions) -> Result<Vec<PeerRo
             .map_err(|e| e.to_string())?;
         let mut by_system: HashMap<&str, Vec<PeerRow>> = HashMap::new();
         for _ in 0..opts.rounds {
-            for (name, system) in [("router", &routed), ("pgpool-II", &pooled)] {
+            for (name, system) in &systems {
                 let row = round(name, system.clone(), opts, users, primary_port, delay).await;
-                by_system.entry(name).or_default().push(row);
+                by_system.entry(name.as_str()).or_default().push(row);
             }
         }
-        for name in ["router", "pgpool-II"] {
-            let mut runs = by_system.remove(name).unwrap_or_default();
+        for (name, _) in &systems {
+            let mut runs = by_system.remove(name.as_str()).unwrap_or_default();
             runs.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
             if let Some(median) = runs.get(runs.len() / 2) {
                 rows.push(median.clone());
@@ -183,7 +201,9 @@ pub async fn compare(cluster: &Cluster, opts: &PeerOptions) -> Result<Vec<PeerRo
     }
     let _ = cluster.set_replicas_apply_delay(Duration::ZERO);
     pool.close().await;
-    router.shutdown();
+    for r in routers {
+        r.shutdown();
+    }
     drop(pgpool);
     Ok(rows)
 }

@@ -20,7 +20,7 @@ usage: cargo xtask <command>
 
 commands:
   test                      the project's full check, as CI runs it: prerequisites (PostgreSQL,
-                            redis-server), cargo-deny, rustfmt, clippy, cargo doc (broken
+                            redis-server, pgpool2), cargo-deny, rustfmt, clippy, cargo doc (broken
                             intra-doc links denied), cargo test --workspace, and a check that
                             the tests left no server or cluster behind
   demo                      check prerequisites, then run the guided tour
@@ -30,9 +30,11 @@ commands:
                             through (cargo run --release -p routing-examples --bin chaos -- ARGS)
   bench [--quick] [--json FILE]
                             check prerequisites, then measure what routing costs per request
-                            against the raw driver pools (cargo run --release -p routing-examples
-                            --bin bench -- ARGS); writes FILE (default target/bench/bench.json)
-                            and a markdown report beside it. --quick: short rounds (< 2 min)
+                            against the raw driver pools, the decision cost, scale, offload under
+                            lag, pgpool-II side by side and failover (cargo run --release -p
+                            routing-examples --bin bench -- ARGS); writes FILE (default
+                            target/bench/bench.json), a markdown report and an SVG chart beside
+                            it. --quick: short rounds (about 40 s), fails on a missing field
   ha [--json FILE] [--quick]
                             install patroni, etcd-server and haproxy when missing, then run the
                             HA workload on a real etcd + Patroni + HAProxy stack (switchover,
@@ -87,7 +89,7 @@ fn test() -> Result<(), Fail> {
     let root = workspace_root();
 
     step(
-        "prerequisites: PostgreSQL server binaries and redis-server",
+        "prerequisites: PostgreSQL server binaries, redis-server, pgpool-II",
         prereq::ensure,
     )?;
     step("cargo-deny: bans, licenses, sources", || {
@@ -160,7 +162,7 @@ fn test() -> Result<(), Fail> {
 /// `cargo xtask demo`: the guided tour, once the examples package exists.
 fn demo() -> Result<(), Fail> {
     step(
-        "prerequisites: PostgreSQL server binaries and redis-server",
+        "prerequisites: PostgreSQL server binaries, redis-server, pgpool-II",
         prereq::ensure,
     )?;
     let root = workspace_root();
@@ -180,7 +182,7 @@ fn demo() -> Result<(), Fail> {
 /// `cargo xtask chaos [ARGS]`: pass-through to the chaos binary (release build).
 fn chaos(args: &[String]) -> Result<(), Fail> {
     step(
-        "prerequisites: PostgreSQL server binaries and redis-server",
+        "prerequisites: PostgreSQL server binaries, redis-server, pgpool-II",
         prereq::ensure,
     )?;
     let root = workspace_root();
@@ -208,10 +210,11 @@ fn chaos(args: &[String]) -> Result<(), Fail> {
     )
 }
 
-/// `cargo xtask bench [--quick] [--json FILE]`: pass-through to the benchmark (release build).
+/// `cargo xtask bench [--quick] [--json FILE]`: pass-through to the benchmark (release build):
+/// every section of issue #15 in one run, one JSON, one report, one chart.
 fn bench(args: &[String]) -> Result<(), Fail> {
     step(
-        "prerequisites: PostgreSQL server binaries and redis-server",
+        "prerequisites: PostgreSQL server binaries, redis-server, pgpool-II",
         prereq::ensure,
     )?;
     let root = workspace_root();

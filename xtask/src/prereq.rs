@@ -1,4 +1,5 @@
-//! Prerequisites of the test kit: PostgreSQL server binaries and redis-server.
+//! Prerequisites of the test kit: PostgreSQL server binaries, redis-server, and pgpool-II (the
+//! benchmark's peer, which the quick benchmark in the test suite starts too).
 //!
 //! Missing ones are installed with apt-get when we are root on Debian/Ubuntu; otherwise we stop
 //! and name the package. System services that the packages may start are not used: the test
@@ -17,7 +18,7 @@ struct Prereq {
     find: fn() -> Option<PathBuf>,
 }
 
-const PREREQS: [Prereq; 2] = [
+const PREREQS: [Prereq; 3] = [
     Prereq {
         what: "PostgreSQL server binaries (initdb)",
         package: "postgresql",
@@ -27,6 +28,11 @@ const PREREQS: [Prereq; 2] = [
         what: "redis-server",
         package: "redis-server",
         find: find_redis_server,
+    },
+    Prereq {
+        what: "pgpool-II",
+        package: "pgpool2",
+        find: || find_executable("pgpool", &["/usr/sbin"]),
     },
 ];
 

@@ -12,7 +12,19 @@
 //!   `total_commands_processed`), marks-store calls, session resets (each a spawned task) and
 //!   where the time goes (checkout, the work, the guard's drop), at concurrency 1.
 //!
-//! Writes the JSON (`--json`, default `target/bench/bench.json`) and a markdown report next to it.
+//! - **Decision** (`decision_ns`): the routing decision in-process on routing-core's fake
+//!   backend, as its criterion bench does (`routing_examples::decision`).
+//! - **Scale**: Eventual read throughput at concurrency 1/4/16/64 with 1, 2 (and in the full run
+//!   4) replicas beside a raw pool, with the machine's CPU use (`routing_examples::scale`).
+//! - **Offload**: the read-after-write workload per mode and apply delay, with the default wait
+//!   budget and with others for ReadYourWrites/Causal (`routing_examples::offload`).
+//! - **Peer**: pgpool-II beside the router on a 90/10 mixed workload (`routing_examples::peer`).
+//! - **Failover**: promotion to first write, killed and blackholed primary, fresh clusters
+//!   (`routing_examples::failover`).
+//!
+//! Writes the JSON (`--json`, default `target/bench/bench.json`), a markdown report and an SVG
+//! chart (`routing_examples::chart`: read latency per mode at 50 ms delay, replica share per mode
+//! by delay) next to it. `--quick` (about 40 s) is run by `examples/tests/bench_quick.rs`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,6 +36,10 @@ use routing_core::{
     CausalToken, Consistency, InMemoryMarks, Lsn, Mark, MarksError, NodeConfig, RequestContext,
     Router, RouterConfig, TokenCodec, TokenKey, UserKey, WriterMarks,
 };
+use routing_examples::failover::Fault;
+use routing_examples::offload::OffloadOptions;
+use routing_examples::peer::PeerOptions;
+use routing_examples::scale::ScaleOptions;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -35,12 +51,23 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Settings {
     quick: bool,
     rounds: usize,
     round: Duration,
     breakdown_requests: usize,
+    /// Offload: length of each (mode, delay) run, concurrency, delays, extra wait budgets.
+    offload: routing_examples::offload::OffloadOptions,
+    /// Peer: pgpool-II beside the router.
+    peer: routing_examples::peer::PeerOptions,
+    /// Failover runs per fault kind.
+    failover_runs: usize,
+    /// Scale on the main cluster (1 and 2 replicas) and, when `scale_four`, on a 4-replica one.
+    scale: routing_examples::scale::ScaleOptions,
+    scale_four: bool,
+    /// Decision timing: rounds and calls per round.
+    decision: (usize, usize),
 }
 
 const CONCURRENCY: [usize; 2] = [1, 16];
@@ -1043,12 +1070,14 @@ async fn bench_backend<K: BenchBackend>(
 fn markdown(doc: &Value) -> String {
     let mut md = String::new();
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    md.push_str("# Hot-path benchmark\n\n");
+    md.push_str("# Benchmark report\n\n");
     md.push_str(&format!(
-        "- date: {}\n- command: `{}`\n- machine: {}\n- rounds: {} of {} ms per side, interleaved; figures are medians over rounds\n\n",
+        "- date: {}\n- command: `{}`\n- machine: {}\n- load average (1, 5, 15 min): {} at the start, {} at the end\n- rounds: {} of {} ms per side, interleaved; figures are medians over rounds\n\n",
         doc["date"].as_str().unwrap_or(""),
         doc["command"].as_str().unwrap_or(""),
         doc["machine"].as_str().unwrap_or(""),
+        doc["load_average"]["before"],
+        doc["load_average"]["after"],
         doc["settings"]["rounds"],
         doc["settings"]["round_ms"],
     ));
@@ -1071,6 +1100,80 @@ fn markdown(doc: &Value) -> String {
             f(r, "baseline_throughput"),
             f(r, "throughput_ratio"),
             f(r, "marks_round_trips_per_request"),
+        ));
+    }
+    md.push_str(&format!(
+        "\n## Routing decision (in-process, fake backend, 8 replicas)\n\n`decision_ns` = {:.0} ns (Eventual {:.0} ns, Causal with a token {:.0} ns, over a bare fake checkout of {:.0} ns); token verification {:.0} ns.\n",
+        f(doc, "decision_ns"),
+        f(&doc["decision"], "eventual_ns"),
+        f(&doc["decision"], "causal_ns"),
+        f(&doc["decision"], "baseline_checkout_ns"),
+        f(&doc["decision"], "token_verify_ns"),
+    ));
+    md.push_str("\n## Scale (sqlx, Eventual reads; raw = a PgPool on one replica, interleaved)\n\n| replicas | c | router req/s | raw req/s | throughput ratio | router p50 ms | router p99 ms | CPU busy |\n|---|---|---|---|---|---|---|---|\n");
+    for r in doc["scale"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} % |\n",
+            r["replicas"],
+            r["concurrency"],
+            f(r, "throughput"),
+            f(r, "baseline_throughput"),
+            f(r, "throughput_ratio"),
+            f(r, "p50_ms"),
+            f(r, "p99_ms"),
+            f(r, "cpu_busy") * 100.0,
+        ));
+    }
+    md.push_str("\n## Offload under lag (read-after-write workload, sqlx)\n\n| mode | wait budget ms | delay ms | replica share | stale reads | read p50 ms | read p99 ms | reads/s | LSN waits | primary reads | failed |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in doc["offload"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {:.0} | {} | {} | {} |\n",
+            r["mode"].as_str().unwrap_or(""),
+            r["wait_budget_ms"],
+            r["delay_ms"],
+            f(r, "replica_share"),
+            r["stale_reads"],
+            f(r, "read_p50_ms"),
+            f(r, "read_p99_ms"),
+            f(r, "read_throughput"),
+            r["lsn_waits"],
+            r["primary_reads"],
+            r["failed"],
+        ));
+    }
+    md.push_str("\n## Peer: pgpool-II beside the router (90 % reads, 10 % writes)\n\n| system | delay ms | ops/s | p50 ms | p99 ms | replica share | stale reads | failed |\n|---|---|---|---|---|---|---|---|\n");
+    for r in doc["peer"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
+            r["system"].as_str().unwrap_or(""),
+            r["delay_ms"],
+            f(r, "throughput"),
+            f(r, "p50_ms"),
+            f(r, "p99_ms"),
+            f(r, "replica_share"),
+            r["stale_reads"],
+            r["failed"],
+        ));
+    }
+    let fo = &doc["failover"];
+    md.push_str(&format!(
+        "\n## Failover (promotion to the router's first write)\n\nAll {} runs: p50 {:.0} ms, max {:.0} ms.\n\n| fault | runs | p50 ms | max ms | samples ms |\n|---|---|---|---|---|\n",
+        fo["runs"], f(fo, "p50_ms"), f(fo, "max_ms"),
+    ));
+    for r in fo["by_fault"].as_array().into_iter().flatten() {
+        let samples: Vec<String> = r["samples_ms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| format!("{:.0}", v.as_f64().unwrap_or(f64::NAN)))
+            .collect();
+        md.push_str(&format!(
+            "| {} | {} | {:.0} | {:.0} | {} |\n",
+            r["fault"].as_str().unwrap_or(""),
+            r["runs"],
+            f(r, "p50_ms"),
+            f(r, "max_ms"),
+            samples.join(", "),
         ));
     }
     md.push_str("\n## Breakdown per request (concurrency 1)\n\n");
@@ -1147,6 +1250,76 @@ fn check_fields(doc: &Value) -> Result<(), String> {
             "expected 8 (backend, path, c) groups, got {seen:?}"
         ));
     }
+    let num = |r: &Value, k: &str| -> Result<f64, String> {
+        r.get(k)
+            .and_then(Value::as_f64)
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .ok_or_else(|| format!("missing or bad {k}: {r}"))
+    };
+    let list = |k: &str| -> Result<&Vec<Value>, String> {
+        doc[k]
+            .as_array()
+            .filter(|l| !l.is_empty())
+            .ok_or_else(|| format!("no {k} list"))
+    };
+    if num(doc, "decision_ns")? <= 0.0 {
+        return Err("decision_ns is 0".into());
+    }
+    for r in list("offload")? {
+        r["mode"].as_str().ok_or("offload row without mode")?;
+        for k in [
+            "delay_ms",
+            "stale_reads",
+            "read_p50_ms",
+            "read_p99_ms",
+            "wait_budget_ms",
+        ] {
+            num(r, k)?;
+        }
+        if !(0.0..=1.0).contains(&num(r, "replica_share")?) {
+            return Err(format!("offload replica_share out of range: {r}"));
+        }
+    }
+    let f = &doc["failover"];
+    if num(f, "runs")? < 1.0 || num(f, "max_ms")? < num(f, "p50_ms")? {
+        return Err(format!("bad failover: {f}"));
+    }
+    let peer = list("peer")?;
+    for system in ["router", "pgpool-II"] {
+        let r = peer
+            .iter()
+            .find(|r| r["system"] == system)
+            .ok_or_else(|| format!("no peer row for {system}"))?;
+        for k in [
+            "throughput",
+            "p50_ms",
+            "p99_ms",
+            "replica_share",
+            "stale_reads",
+        ] {
+            num(r, k)?;
+        }
+    }
+    let scale = list("scale")?;
+    for r in scale {
+        for k in [
+            "replicas",
+            "concurrency",
+            "throughput",
+            "baseline_throughput",
+            "throughput_ratio",
+            "p50_ms",
+            "p99_ms",
+            "cpu_busy",
+        ] {
+            num(r, k)?;
+        }
+    }
+    for c in [1, 4, 16, 64] {
+        if !scale.iter().any(|r| r["concurrency"] == c) {
+            return Err(format!("no scale row at concurrency {c}"));
+        }
+    }
     let bd = doc["breakdown"].as_array().ok_or("no breakdown list")?;
     if bd.is_empty() {
         return Err("empty breakdown".into());
@@ -1168,6 +1341,30 @@ fn check_fields(doc: &Value) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// What the sections of one run produce.
+#[derive(Default)]
+struct Sections {
+    overhead: Vec<Value>,
+    breakdown: Vec<Value>,
+    decision: Value,
+    scale: Value,
+    offload: Value,
+    peer: Value,
+    failover: Value,
+    chart: String,
+    elapsed: Vec<(&'static str, f64)>,
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> Vec<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .filter_map(|x| x.parse().ok())
+        .collect()
 }
 
 fn usage() -> ! {
@@ -1214,19 +1411,68 @@ fn main() {
             _ => usage(),
         }
     }
+    let ms = Duration::from_millis;
     let settings = if quick {
         Settings {
             quick,
-            rounds: 3,
-            round: Duration::from_millis(200),
-            breakdown_requests: 50,
+            rounds: 2,
+            round: ms(150),
+            breakdown_requests: 30,
+            offload: OffloadOptions {
+                run_time: ms(300),
+                concurrency: 4,
+                delays: vec![ms(0), ms(50)],
+                wait_budget: None,
+                extra_wait_budgets: vec![ms(0)],
+            },
+            peer: PeerOptions {
+                run_time: ms(300),
+                concurrency: 4,
+                rounds: 1,
+                delays: vec![ms(0)],
+                extra_wait_budgets: vec![],
+            },
+            failover_runs: 1,
+            scale: ScaleOptions {
+                concurrency: vec![1, 4, 16, 64],
+                replicas: vec![1, 2],
+                rounds: 1,
+                round: ms(150),
+                pool_size: 32,
+            },
+            scale_four: false,
+            decision: (3, 2_000),
         }
     } else {
         Settings {
             quick,
             rounds: 7,
-            round: Duration::from_millis(1000),
+            round: ms(1000),
             breakdown_requests: 300,
+            offload: OffloadOptions {
+                run_time: ms(3000),
+                concurrency: 8,
+                delays: vec![ms(0), ms(20), ms(50), ms(200)],
+                wait_budget: None,
+                extra_wait_budgets: vec![ms(0), ms(2), ms(200)],
+            },
+            peer: PeerOptions {
+                run_time: ms(3000),
+                concurrency: 8,
+                rounds: 3,
+                delays: vec![ms(0), ms(50)],
+                extra_wait_budgets: vec![ms(0)],
+            },
+            failover_runs: 5,
+            scale: ScaleOptions {
+                concurrency: vec![1, 4, 16, 64],
+                replicas: vec![1, 2, 4],
+                rounds: 3,
+                round: ms(1000),
+                pool_size: 32,
+            },
+            scale_four: true,
+            decision: (9, 50_000),
         }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1261,16 +1507,92 @@ fn main() {
     let replica = (0..cluster.nodes().len())
         .find(|&i| i != cluster.primary())
         .expect("a replica");
-    let result: Result<(Vec<Value>, Vec<Value>), String> = rt.block_on(async {
-        let (mut overhead, mut breakdown) = (Vec::new(), Vec::new());
-        bench_backend::<Sqlx>(&cluster, replica, &settings, &mut overhead, &mut breakdown).await?;
-        bench_backend::<Diesel>(&cluster, replica, &settings, &mut overhead, &mut breakdown)
+    let load_before = loadavg();
+    let result: Result<Sections, String> = rt.block_on(async {
+        let mut out = Sections::default();
+        let t = Instant::now();
+        let d = routing_examples::decision::measure(settings.decision.0, settings.decision.1)
             .await?;
-        Ok((overhead, breakdown))
+        eprintln!(
+            "decision: Eventual {:.0} ns, Causal {:.0} ns, token verify {:.0} ns ({:.0} s)",
+            d.eventual_ns,
+            d.causal_ns,
+            d.token_verify_ns,
+            t.elapsed().as_secs_f64()
+        );
+        out.decision = json!(d);
+        let t = Instant::now();
+        bench_backend::<Sqlx>(&cluster, replica, &settings, &mut out.overhead, &mut out.breakdown)
+            .await?;
+        bench_backend::<Diesel>(&cluster, replica, &settings, &mut out.overhead, &mut out.breakdown)
+            .await?;
+        out.elapsed.push(("overhead", t.elapsed().as_secs_f64()));
+        let t = Instant::now();
+        let mut scale = routing_examples::scale::run(&cluster, &settings.scale).await?;
+        if settings.scale_four {
+            let four = tokio::task::spawn_blocking(|| {
+                routing_testkit::ClusterBuilder::new().replicas(4).start()
+            })
+            .await
+            .map_err(err)?
+            .map_err(err)?;
+            let opts = ScaleOptions {
+                replicas: vec![4],
+                ..settings.scale.clone()
+            };
+            scale.extend(routing_examples::scale::run(&four, &opts).await?);
+            tokio::task::spawn_blocking(move || drop(four))
+                .await
+                .map_err(err)?;
+        }
+        out.scale = json!(scale);
+        out.elapsed.push(("scale", t.elapsed().as_secs_f64()));
+        let t = Instant::now();
+        let offload = routing_examples::offload::run(&cluster, &settings.offload).await?;
+        for r in &offload {
+            eprintln!(
+                "offload: {:>26} delay {:>3} ms: replica share {:.2}, stale {}, read p50 {:.2} ms p99 {:.2} ms, {:.0} reads/s",
+                r.mode, r.delay_ms, r.replica_share, r.stale_reads, r.read_p50_ms, r.read_p99_ms, r.read_throughput
+            );
+        }
+        out.chart = routing_examples::chart::svg(&offload, 50);
+        out.offload = json!(offload);
+        out.elapsed.push(("offload", t.elapsed().as_secs_f64()));
+        let t = Instant::now();
+        let peer = routing_examples::peer::compare(&cluster, &settings.peer).await?;
+        for r in &peer {
+            eprintln!(
+                "peer: {:<9} delay {:>3} ms: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, replica share {:.2}, stale {}",
+                r.system, r.delay_ms, r.throughput, r.p50_ms, r.p99_ms, r.replica_share, r.stale_reads
+            );
+        }
+        out.peer = json!(peer);
+        out.elapsed.push(("peer", t.elapsed().as_secs_f64()));
+        let t = Instant::now();
+        let mut faults = Vec::new();
+        for fault in [Fault::Kill, Fault::Blackhole] {
+            let row = routing_examples::failover::measure(fault, settings.failover_runs).await?;
+            eprintln!(
+                "failover: {fault:?}: p50 {:.0} ms, max {:.0} ms over {} runs",
+                row.p50_ms, row.max_ms, row.runs
+            );
+            faults.push(row);
+        }
+        let mut all: Vec<f64> = faults.iter().flat_map(|r| r.samples_ms.clone()).collect();
+        all.sort_by(f64::total_cmp);
+        out.failover = json!({
+            "runs": all.len(),
+            "p50_ms": all.get(all.len() / 2).copied().unwrap_or(f64::NAN),
+            "max_ms": all.last().copied().unwrap_or(f64::NAN),
+            "by_fault": faults,
+        });
+        out.elapsed.push(("failover", t.elapsed().as_secs_f64()));
+        Ok(out)
     });
     drop(rt);
     drop(cluster);
-    let (overhead, breakdown) = result.unwrap_or_else(|e| {
+    let load_after = loadavg();
+    let out = result.unwrap_or_else(|e| {
         eprintln!("bench: {e}");
         std::process::exit(1)
     });
@@ -1286,8 +1608,18 @@ fn main() {
             "round_ms": settings.round.as_millis() as u64,
             "breakdown_requests": settings.breakdown_requests,
             "pool_size": POOL_SIZE, "concurrency": CONCURRENCY},
-        "overhead": overhead,
-        "breakdown": breakdown,
+        "load_average": {"before": load_before, "after": load_after},
+        "overhead": out.overhead,
+        "breakdown": out.breakdown,
+        "decision_ns": out.decision["eventual_ns"].as_f64().unwrap_or(f64::NAN)
+            .max(out.decision["causal_ns"].as_f64().unwrap_or(f64::NAN)),
+        "decision": out.decision,
+        "scale": out.scale,
+        "offload": out.offload,
+        "peer": out.peer,
+        "failover": out.failover,
+        "section_elapsed_s": out.elapsed.iter().map(|(k, v)| (k.to_string(), json!(v)))
+            .collect::<serde_json::Map<_, _>>(),
         "elapsed_s": started.elapsed().as_secs_f64(),
     });
     let path = std::path::Path::new(&json_path);
@@ -1296,16 +1628,19 @@ fn main() {
     }
     let text = serde_json::to_string_pretty(&doc).expect("json");
     let md_path = path.with_extension("md");
-    if let Err(e) =
-        std::fs::write(path, text).and_then(|()| std::fs::write(&md_path, markdown(&doc)))
+    let svg_path = path.with_extension("svg");
+    if let Err(e) = std::fs::write(path, text)
+        .and_then(|()| std::fs::write(&md_path, markdown(&doc)))
+        .and_then(|()| std::fs::write(&svg_path, &out.chart))
     {
         eprintln!("bench: cannot write {}: {e}", path.display());
         std::process::exit(1);
     }
     println!(
-        "bench: wrote {} and {} in {:.0} s",
+        "bench: wrote {}, {} and {} in {:.0} s",
         path.display(),
         md_path.display(),
+        svg_path.display(),
         started.elapsed().as_secs_f64()
     );
     if let Err(e) = check_fields(&doc) {

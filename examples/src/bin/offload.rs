@@ -25,6 +25,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         concurrency,
         delays: [0, 20, 50, 200].map(Duration::from_millis).to_vec(),
         wait_budget,
+        extra_wait_budgets: vec![Duration::ZERO],
     };
     let rows = run(&cluster, &opts).await?;
     for r in &rows {

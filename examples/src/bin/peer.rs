@@ -20,6 +20,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         concurrency,
         rounds: 3,
         delays: vec![Duration::ZERO, Duration::from_millis(50)],
+        extra_wait_budgets: vec![Duration::ZERO],
     };
     let rows = compare(&cluster, &opts).await?;
     println!("{}", serde_json::to_string_pretty(&rows)?);
