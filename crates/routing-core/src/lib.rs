@@ -47,8 +47,8 @@ pub use marks::{InMemoryMarks, Mark, MarksError, WriterMarks};
 pub use policy::{Candidate, LeastOutstanding, Random, RegionPolicy, ReplicaPicker, RoundRobin};
 pub use probe::{ProbeParseError, ProbeReport};
 pub use router::{
-    BanState, MARKS_UNHEALTHY_FOR, MarksHealth, NodeState, PoolOccupancy, PoolState, ReadConn,
-    Router, RouterBuilder, RouterStatus, WriteConn, WriteReceipt,
+    BanState, MARKS_UNHEALTHY_FOR, MarksHealth, NodeRemoval, NodeState, PoolOccupancy, PoolState,
+    ReadConn, Router, RouterBuilder, RouterStatus, WriteConn, WriteReceipt,
 };
 pub use secret::{ConnString, RedactedError, redact};
 pub use settings::{
