@@ -18,11 +18,14 @@ mod alerts;
 mod backend;
 mod config;
 mod context;
+mod discovery;
 mod error;
 mod handle;
 mod lsn;
 mod marks;
 mod monitor;
+#[cfg(feature = "patroni")]
+pub mod patroni;
 mod policy;
 mod probe;
 mod refusal;
@@ -41,6 +44,9 @@ pub use config::{
     BanPolicy, LagBounds, MarksFailure, NodeConfig, PoolSettings, RoleHint, RouterConfig,
 };
 pub use context::{Consistency, Region, RequestContext, UserKey};
+pub use discovery::{
+    Changes, Discoverer, Discovery, DiscoveryError, DiscoverySettings, DiscoveryTask, Member,
+};
 pub use error::{BackendError, Error, ErrorClass, ErrorKind, RoutedError};
 pub use lsn::{Lsn, LsnParseError};
 pub use marks::{InMemoryMarks, Mark, MarksError, WriterMarks};

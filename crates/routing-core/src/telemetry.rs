@@ -321,6 +321,11 @@ pub(crate) fn membership(node: &str, added: bool) {
     }
 }
 
+/// One discovery poll and its outcome.
+pub(crate) fn discovery_poll(source: &str, outcome: &'static str) {
+    counter!(DISCOVERY_POLLS, "source" => source.to_string(), "outcome" => outcome).increment(1);
+}
+
 /// A removed node's gauges go to zero (the `metrics` facade cannot unregister them).
 pub(crate) fn node_gone(node: &str) {
     gauge!(LAG_BYTES, "node" => node.to_string()).set(0.0);
@@ -464,6 +469,7 @@ pub(crate) fn register(alerting: impl IntoIterator<Item = std::sync::Arc<str>>) 
     describe_gauge!(LAG_ALERT, "1 while a node's lag alert is raised");
     describe_gauge!(GENERATION, "The topology generation");
     describe_counter!(FAILOVERS, "Times the writer became another node");
+    describe_counter!(DISCOVERY_POLLS, "Discovery polls, by source and outcome");
     describe_counter!(
         MEMBERSHIP_CHANGES,
         "Nodes added to or removed from the running router, by change"

@@ -48,6 +48,25 @@ impl<B: Backend> Clone for Router<B> {
     }
 }
 
+/// A router held without keeping it alive (background tasks of the crate's own).
+pub(crate) struct WeakRouter<B: Backend>(std::sync::Weak<Inner<B>>);
+
+impl<B: Backend> WeakRouter<B> {
+    pub(crate) fn upgrade(&self) -> Option<Router<B>> {
+        self.0.upgrade().map(|inner| Router { inner })
+    }
+}
+
+impl<B: Backend> Router<B> {
+    pub(crate) fn downgrade(&self) -> WeakRouter<B> {
+        WeakRouter(Arc::downgrade(&self.inner))
+    }
+
+    pub(crate) fn subscribe_shutdown(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.topo.subscribe_shutdown()
+    }
+}
+
 impl<B: Backend> std::fmt::Debug for Router<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let snap = self.inner.topo.load();
