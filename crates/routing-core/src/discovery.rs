@@ -243,7 +243,9 @@ impl<B: Backend> Discoverer<B> {
                     self.managed.remove(&name);
                 }
                 Err(e) => {
-                    tracing::info!(source = self.source.name(), node = %name, error = %e,
+                    // The elected writer, until the monitor elects another: retried every
+                    // poll, so not logged at info each time.
+                    tracing::debug!(source = self.source.name(), node = %name, error = %e,
                         "discovery: member not removed yet");
                     changes.deferred.push(name);
                 }
