@@ -2,7 +2,8 @@
 //! ([`routing_testkit::HaStack`]).
 //!
 //! In each configuration ((a) HAProxy's writer and reader frontends, (b) the three members listed
-//! directly) workers write and make read-after-write pairs in `ReadYourWrites` and `Causal` (the
+//! directly, (c) the members discovered from Patroni's REST API, `GET /cluster`, kept in step
+//! while the workload runs) workers write and make read-after-write pairs in `ReadYourWrites` and `Causal` (the
 //! read by another client holding only the writer's token), with an `Eventual` control, while
 //! the stack goes through a planned switchover, a crash of the leader's postmaster (Patroni
 //! restarts it in place) and the loss of the whole leader (Patroni and PostgreSQL killed
@@ -10,6 +11,10 @@
 //! write a new primary accepts (a probe loop with connections of its own, straight to the
 //! members), then to the router's first acknowledged write on that new server, and counts failed
 //! requests, stale reads and acknowledged writes missing from the final primary.
+//!
+//! In (c) one more round adds a fourth member to the Patroni cluster while the workload runs
+//! (`member_added`): it measures when Patroni first lists the member and when the router first
+//! serves a read on it, without a restart.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -33,17 +38,21 @@ pub enum Config {
     Haproxy,
     /// (b) The three members listed directly; the monitor finds the primary.
     Direct,
+    /// (c) The members Patroni's REST API lists, polled every 200 ms while the router runs
+    /// ([`routing_core::Discoverer`] with [`routing_core::patroni::PatroniDiscovery`]).
+    Discovery,
 }
 
 impl Config {
-    /// Both, in run order.
-    pub const ALL: [Config; 2] = [Config::Haproxy, Config::Direct];
+    /// Every one, in run order.
+    pub const ALL: [Config; 3] = [Config::Haproxy, Config::Direct, Config::Discovery];
 
     /// Name used in reports.
     pub fn name(self) -> &'static str {
         match self {
             Config::Haproxy => "haproxy",
             Config::Direct => "direct",
+            Config::Discovery => "discovery",
         }
     }
 }
@@ -58,6 +67,9 @@ pub enum Round {
     /// The leader's Patroni and every PostgreSQL process of it SIGKILLed together; the member is
     /// restarted after the round so the next one has three members again.
     LeaderLoss,
+    /// Not a fault: a fourth member joins the Patroni cluster while the workload runs. Only in
+    /// the `discovery` configuration, once per run (after its other rounds).
+    MemberAdded,
 }
 
 impl Round {
@@ -70,6 +82,7 @@ impl Round {
             Round::Switchover => "switchover",
             Round::PostmasterCrash => "postmaster_crash",
             Round::LeaderLoss => "leader_loss",
+            Round::MemberAdded => "member_added",
         }
     }
 }
@@ -156,6 +169,14 @@ pub struct RoundReport {
     pub old_leader: String,
     /// The member that accepted the first probe write after the fault.
     pub new_leader: String,
+    /// `member_added` rounds: the member's start → the first `/cluster` answer that lists it
+    /// running (cloned from the leader, PostgreSQL up).
+    pub member_listed_ms: Option<u64>,
+    /// `member_added` rounds: Patroni listing it → the router's first read served by it (0 when
+    /// the router got there first).
+    pub member_serving_ms: Option<u64>,
+    /// `member_added` rounds: the member's start → the router's first read served by it.
+    pub member_first_read_ms: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -195,6 +216,23 @@ const IDENTITY: &str = "inet_server_port()::text || '/' || pg_postmaster_start_t
 const PROBE_WRITE: &str = "INSERT INTO ha_probe DEFAULT VALUES \
      RETURNING inet_server_port()::text || '/' || pg_postmaster_start_time()::text";
 
+/// Patroni's REST API on every member (spares included: they answer once started), with the
+/// test kit's least-privilege roles.
+fn patroni_source(ha: &HaStack) -> Result<routing_core::patroni::PatroniDiscovery, BoxError> {
+    use routing_core::patroni::{PatroniDiscovery, PatroniTemplate};
+    use routing_testkit::{
+        MONITOR_PASSWORD, MONITOR_ROLE, READER_PASSWORD, READER_ROLE, WRITER_PASSWORD, WRITER_ROLE,
+    };
+    let template = PatroniTemplate::new(WRITER_ROLE, WRITER_PASSWORD, "postgres")
+        .reader(READER_ROLE, READER_PASSWORD)
+        .monitor(MONITOR_ROLE, MONITOR_PASSWORD);
+    let endpoints = ha
+        .members()
+        .iter()
+        .map(|m| format!("http://127.0.0.1:{}", m.rest_port()));
+    Ok(PatroniDiscovery::new(endpoints, template)?)
+}
+
 /// The router's configuration: defaults, with a one-second lag bound.
 pub fn router_config() -> RouterConfig {
     crate::chaos::checker_config()
@@ -207,8 +245,12 @@ pub async fn run(
     mut progress: impl FnMut(&RoundReport),
 ) -> Result<Vec<RoundReport>, BoxError> {
     let started = Instant::now();
-    let ha =
-        Arc::new(tokio::task::spawn_blocking(|| HaStack::builder().members(3).start()).await??);
+    // A spare member for the discovery configuration's `member_added` round.
+    let spares = usize::from(opts.configs.contains(&Config::Discovery));
+    let ha = Arc::new(
+        tokio::task::spawn_blocking(move || HaStack::builder().members(3).spares(spares).start())
+            .await??,
+    );
     println!(
         "HA stack up in {:.1} s: etcd :{}, members {}, HAProxy writer :{} reader :{} (dir {})",
         started.elapsed().as_secs_f64(),
@@ -269,9 +311,17 @@ async fn run_on(
     let mut all_acked: Vec<i64> = Vec::new();
     let mut seq = 0i64;
     for &config in &opts.configs {
+        let source = Arc::new(patroni_source(ha)?);
         let nodes = match config {
             Config::Haproxy => ha.haproxy_node_configs(),
             Config::Direct => ha.direct_node_configs(),
+            Config::Discovery => {
+                routing_core::Discoverer::<SqlxBackend>::initial_nodes(
+                    source.as_ref(),
+                    Duration::from_secs(2),
+                )
+                .await?
+            }
         };
         let router = Router::builder(SqlxBackend::new())
             .nodes(nodes)
@@ -282,15 +332,31 @@ async fn run_on(
             )
             .build()
             .await?;
-        for repeat in 1..=opts.repeats {
-            for &round in &opts.rounds {
-                seq += 1;
-                let (report, acked) =
-                    run_round(ha, &router, opts, config, round, repeat, seq, &next_id).await?;
-                all_acked.extend(acked);
-                progress(&report);
-                reports.push(report);
-            }
+        // Kept while the configuration runs; dropped (polling stops) with it.
+        let _discovery = (config == Config::Discovery).then(|| {
+            routing_core::Discoverer::new(
+                router.clone(),
+                source.clone(),
+                routing_core::DiscoverySettings::new(
+                    Duration::from_millis(200),
+                    Duration::from_secs(1),
+                ),
+            )
+            .spawn()
+        });
+        let mut rounds: Vec<(usize, Round)> = (1..=opts.repeats)
+            .flat_map(|repeat| opts.rounds.iter().map(move |&r| (repeat, r)))
+            .collect();
+        if config == Config::Discovery && ha.active() < ha.members().len() {
+            rounds.push((1, Round::MemberAdded));
+        }
+        for (repeat, round) in rounds {
+            seq += 1;
+            let (report, acked) =
+                run_round(ha, &router, opts, config, round, repeat, seq, &next_id).await?;
+            all_acked.extend(acked);
+            progress(&report);
+            reports.push(report);
         }
         router.shutdown();
     }
@@ -368,25 +434,32 @@ async fn run_round(
     if trace() {
         eprintln!("  fault {} at {:?}", round.name(), since_start());
     }
-    let probe = tokio::spawn(probe_new_primary(
-        ports,
-        ha.writer_port(),
-        old_identity.clone(),
-    ));
-    match round {
-        Round::Switchover => {
-            blocking(ha, |h| h.switchover(None)).await?;
-            if trace() {
-                eprintln!(
-                    "  patronictl switchover returned after {:?}",
-                    fault_at.elapsed()
-                );
+    let mut member: (Option<Duration>, Option<Duration>, Option<Duration>) = (None, None, None);
+    let ready = if round == Round::MemberAdded {
+        member = add_member(ha, router).await?;
+        Ready::default()
+    } else {
+        let probe = tokio::spawn(probe_new_primary(
+            ports,
+            ha.writer_port(),
+            old_identity.clone(),
+        ));
+        match round {
+            Round::Switchover => {
+                blocking(ha, |h| h.switchover(None)).await?;
+                if trace() {
+                    eprintln!(
+                        "  patronictl switchover returned after {:?}",
+                        fault_at.elapsed()
+                    );
+                }
             }
+            Round::PostmasterCrash => blocking(ha, move |h| h.crash_postmaster(leader)).await?,
+            Round::LeaderLoss => blocking(ha, move |h| h.kill_member(leader)).await?,
+            Round::MemberAdded => {}
         }
-        Round::PostmasterCrash => blocking(ha, move |h| h.crash_postmaster(leader)).await?,
-        Round::LeaderLoss => blocking(ha, move |h| h.kill_member(leader)).await?,
-    }
-    let ready = probe.await?;
+        probe.await?
+    };
     let (primary_ready, new_identity) = match &ready.direct {
         Some((at, id)) => (Some(*at), id.clone()),
         None => (None, String::new()),
@@ -407,7 +480,7 @@ async fn run_round(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    if router_write.is_none() {
+    if router_write.is_none() && round != Round::MemberAdded {
         eprintln!(
             "{} {}: the router did not write on the new primary: {}",
             config.name(),
@@ -470,8 +543,66 @@ async fn run_round(
         ops: c.ops.load(Ordering::Relaxed),
         old_leader: ha.members()[leader].name().into(),
         new_leader: name_of(new_port),
+        member_listed_ms: member.0.map(ms),
+        member_serving_ms: member.1.map(ms),
+        member_first_read_ms: member.2.map(ms),
     };
     Ok((report, acked))
+}
+
+/// Starts the stack's spare member and measures, from its start, when Patroni's `/cluster`
+/// first lists it as running (Patroni lists a member from its first loop, while it still
+/// clones the leader; only a running one can serve), then how long after that the router first serves an `Eventual` read on it
+/// (the discoverer adds it, the monitor probes it; nothing restarts).
+async fn add_member(
+    ha: &Arc<HaStack>,
+    router: &Router<SqlxBackend>,
+) -> Result<(Option<Duration>, Option<Duration>, Option<Duration>), BoxError> {
+    let started = Instant::now();
+    let i = blocking(ha, |h| h.add_member()).await?;
+    let name = ha.members()[i].name().to_string();
+    let deadline = started + READY_LIMIT;
+    let eventual = RequestContext::new().consistency(Consistency::Eventual);
+    let (mut listed, mut serving) = (None, None);
+    while (listed.is_none() || serving.is_none()) && Instant::now() < deadline {
+        if listed.is_none() {
+            let h = ha.clone();
+            let n = name.clone();
+            let seen = tokio::task::spawn_blocking(move || {
+                h.cluster().is_some_and(|c| {
+                    c.iter()
+                        .any(|m| m.name == n && matches!(m.state.as_str(), "running" | "streaming"))
+                })
+            })
+            .await?;
+            if seen {
+                listed = Some(Instant::now());
+            }
+        }
+        if serving.is_none()
+            && let Ok(Ok(conn)) =
+                tokio::time::timeout(REQUEST_LIMIT, router.read_with(&eventual)).await
+            && conn.node_name() == name
+        {
+            serving = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if trace() || serving.is_none() {
+        eprintln!(
+            "  {name}: listed {:?}, serving {:?} after its start: {}",
+            listed.map(|t| t - started),
+            serving.map(|t| t - started),
+            describe(router)
+        );
+    }
+    Ok((
+        listed.map(|t| t - started),
+        listed
+            .zip(serving)
+            .map(|(l, s)| s.saturating_duration_since(l)),
+        serving.map(|t| t - started),
+    ))
 }
 
 /// When a write first committed on a server other than the one before the fault.

@@ -11,6 +11,7 @@ const FEATURES: &[(&str, &[&str])] = &[
     ("diesel", &["routing-diesel", "diesel-async", "bb8"]),
     ("redis", &["routing-redis", "redis"]),
     ("axum", &["routing-axum", "axum"]),
+    ("patroni", &["serde_json"]),
 ];
 
 /// For each feature alone: its crates are in the dependency tree and every other feature's

@@ -12,6 +12,7 @@
 //! | `diesel` | [`diesel`]: the diesel-async + bb8 backend |
 //! | `redis` | [`redis`]: recent-writer marks shared by every process |
 //! | `axum` | [`axum`]: the layer and extractors; with a backend, `pg_routing::sqlx::{Read, Write, Tx, Db}` whose errors are that backend's `DbError` |
+//! | `patroni` | `pg_routing::patroni::PatroniDiscovery`: members discovered from Patroni's REST API, kept in step by a [`Discoverer`] (serde_json; no HTTP client crate) |
 //!
 //! ```toml
 //! [dependencies]

@@ -257,6 +257,22 @@ impl LagAlerts {
         }
     }
 
+    /// Adds a node at the next index.
+    pub(crate) fn push(&mut self, name: Arc<str>, thresholds: LagAlertThresholds) {
+        self.nodes.push((name, thresholds, false));
+    }
+
+    /// Forgets node `i`'s alert (it was removed): its gauge goes to 0, no handler is called.
+    pub(crate) fn clear(&mut self, i: usize) {
+        if let Some(n) = self.nodes.get_mut(i) {
+            if n.2 {
+                crate::telemetry::lag_alert(&n.0, false);
+            }
+            n.1 = LagAlertThresholds::default();
+            n.2 = false;
+        }
+    }
+
     /// Whether each node's alert is raised now.
     pub(crate) fn raised(&self) -> Vec<bool> {
         self.nodes.iter().map(|n| n.2).collect()

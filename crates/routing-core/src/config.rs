@@ -52,6 +52,9 @@ pub struct NodeConfig {
     /// Lag alert thresholds for this node, replacing [`RouterConfig::lag_alert`] (for example
     /// a replica in a far region that is expected to run further behind). `None`: the router's.
     pub lag_alert: Option<LagAlertThresholds>,
+    /// Serves reads when it is a healthy replica (default). False for a node that may be the
+    /// writer but must never take reads (Patroni's `noloadbalance` tag): [`NodeConfig::no_reads`].
+    pub reads: bool,
 }
 
 impl NodeConfig {
@@ -76,6 +79,7 @@ impl NodeConfig {
             load_balanced: false,
             monitor_url: None,
             lag_alert: None,
+            reads: true,
         }
     }
 
@@ -97,6 +101,13 @@ impl NodeConfig {
     /// `BEGIN READ WRITE` cannot bypass.
     pub fn reader_url(mut self, url: impl Into<ConnString>) -> Self {
         self.reader_url = Some(url.into());
+        self
+    }
+
+    /// Never sends reads to this node, whatever its role; it may still be elected the writer
+    /// (Patroni's `noloadbalance` tag).
+    pub fn no_reads(mut self) -> Self {
+        self.reads = false;
         self
     }
 

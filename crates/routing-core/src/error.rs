@@ -224,6 +224,19 @@ pub enum Error {
         /// How long the checkout waited.
         waited: Duration,
     },
+    /// No node of that name is present ([`crate::Router::remove_node`]).
+    #[error("no node named {node:?} is present")]
+    UnknownNode {
+        /// The name asked for.
+        node: String,
+    },
+    /// The node is the elected writer and was not removed: writes would stop until another
+    /// node is promoted. Switch over first (Patroni's switchover), then remove it.
+    #[error("node {node} is the elected writer and cannot be removed; switch over first")]
+    RemoveWriter {
+        /// The writer.
+        node: String,
+    },
 }
 
 impl Error {

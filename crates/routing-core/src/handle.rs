@@ -73,6 +73,10 @@ impl TopologyHandle {
     pub(crate) fn record(&self, i: usize, outcome: Result<ProbeReport, &BackendError>) -> bool {
         let now = Instant::now();
         let mut topo = self.topology.lock();
+        if topo.is_removed(i) {
+            // A probe that was in flight when the node was removed: nothing to record.
+            return false;
+        }
         let probed = outcome.is_ok();
         let failed = !probed;
         let old = self.snapshot.load_full();
@@ -118,6 +122,36 @@ impl TopologyHandle {
             LagAlerts::emit(&handlers, &alert);
         }
         changed
+    }
+
+    /// Appends a node to the topology (and its lag alert state) and publishes the snapshot;
+    /// returns its index. The caller makes sure its runtime slot exists first.
+    pub(crate) fn add_node(
+        &self,
+        node: &crate::NodeConfig,
+        thresholds: crate::LagAlertThresholds,
+    ) -> usize {
+        let mut topo = self.topology.lock();
+        let i = topo.add(node);
+        self.alerts
+            .lock()
+            .push(Arc::from(node.name.as_str()), thresholds);
+        self.snapshot.store(Arc::new(topo.snapshot()));
+        drop(topo);
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        i
+    }
+
+    /// Makes node `i` a tombstone and publishes the snapshot: from then on no plan names it.
+    /// `Err(())` when it is the elected writer (nothing changes then).
+    pub(crate) fn remove_node(&self, i: usize) -> Result<(), ()> {
+        let mut topo = self.topology.lock();
+        topo.remove(i)?;
+        self.alerts.lock().clear(i);
+        self.snapshot.store(Arc::new(topo.snapshot()));
+        drop(topo);
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
     }
 
     /// Told after every [`TopologyHandle::record`].

@@ -18,11 +18,14 @@ mod alerts;
 mod backend;
 mod config;
 mod context;
+mod discovery;
 mod error;
 mod handle;
 mod lsn;
 mod marks;
 mod monitor;
+#[cfg(feature = "patroni")]
+pub mod patroni;
 mod policy;
 mod probe;
 mod refusal;
@@ -41,14 +44,17 @@ pub use config::{
     BanPolicy, LagBounds, MarksFailure, NodeConfig, PoolSettings, RoleHint, RouterConfig,
 };
 pub use context::{Consistency, Region, RequestContext, UserKey};
+pub use discovery::{
+    Changes, Discoverer, Discovery, DiscoveryError, DiscoverySettings, DiscoveryTask, Member,
+};
 pub use error::{BackendError, Error, ErrorClass, ErrorKind, RoutedError};
 pub use lsn::{Lsn, LsnParseError};
 pub use marks::{InMemoryMarks, Mark, MarksError, WriterMarks};
 pub use policy::{Candidate, LeastOutstanding, Random, RegionPolicy, ReplicaPicker, RoundRobin};
 pub use probe::{ProbeParseError, ProbeReport};
 pub use router::{
-    BanState, MARKS_UNHEALTHY_FOR, MarksHealth, NodeState, PoolOccupancy, PoolState, ReadConn,
-    Router, RouterBuilder, RouterStatus, WriteConn, WriteReceipt,
+    BanState, MARKS_UNHEALTHY_FOR, MarksHealth, NodeRemoval, NodeState, PoolOccupancy, PoolState,
+    ReadConn, Router, RouterBuilder, RouterStatus, WriteConn, WriteReceipt,
 };
 pub use secret::{ConnString, RedactedError, redact};
 pub use settings::{

@@ -1,4 +1,5 @@
-//! The monitor: one task per node, probing on an interval and at once when a caller reports a
+//! The monitor: one task per node (started at build or when a node is added, ended when it is
+//! removed), probing on an interval and at once when a caller reports a
 //! failure. Tasks hold only a weak reference, so they end with the router.
 
 use std::sync::{Arc, Weak};
@@ -12,43 +13,45 @@ use crate::{Backend, BackendError, ErrorKind, ProbeReport};
 /// Re-probes triggered by callers come no closer together than this, per node.
 const MIN_REPROBE_GAP: Duration = Duration::from_millis(10);
 
-/// What the monitor probes with: one pool per node (used by nothing else), and the timing.
-pub(crate) struct Probes<B: Backend> {
-    pub(crate) pools: Vec<B::Pool>,
-    /// Each node's refused-connection check, shared with its other pools.
-    pub(crate) refusals: Vec<Arc<RefusalCheck>>,
-    pub(crate) names: Vec<Arc<str>>,
+/// What the monitor probes one node with: a pool used by nothing else, the node's refused-
+/// connection check, and the timing.
+pub(crate) struct NodeProbe<B: Backend> {
+    pub(crate) pool: B::Pool,
+    /// The node's refused-connection check, shared with its other pools.
+    pub(crate) refusal: Arc<RefusalCheck>,
+    pub(crate) name: Arc<str>,
     pub(crate) interval: Duration,
     pub(crate) timeout: Duration,
+    /// Set when the node is removed: the task ends and drops its pool.
+    pub(crate) stop: tokio::sync::watch::Receiver<bool>,
+    /// Held until the task ends, so whoever waits for the node to drain sees the probe pool go.
+    pub(crate) _alive: Arc<tokio::sync::watch::Sender<()>>,
 }
 
-/// Starts one probing task per node. They hold the topology weakly and stop when it is dropped
-/// or shut down.
-pub(crate) fn spawn<B: Backend>(topo: &Arc<TopologyHandle>, probes: Probes<B>) {
-    let probes = Arc::new(probes);
-    for i in 0..probes.pools.len() {
-        let weak = Arc::downgrade(topo);
-        let nudges = topo.subscribe_nudges();
-        let shutdown = topo.subscribe_shutdown();
-        tokio::spawn(run_node(weak, probes.clone(), i, nudges, shutdown));
-    }
+/// Starts the probing task of node `i`. It holds the topology weakly and stops when it is
+/// dropped or shut down, or when the node is removed.
+pub(crate) fn spawn_node<B: Backend>(topo: &Arc<TopologyHandle>, i: usize, probe: NodeProbe<B>) {
+    let weak = Arc::downgrade(topo);
+    let nudges = topo.subscribe_nudges();
+    let shutdown = topo.subscribe_shutdown();
+    tokio::spawn(run_node(weak, probe, i, nudges, shutdown));
 }
 
 async fn run_node<B: Backend>(
     weak: Weak<TopologyHandle>,
-    probes: Arc<Probes<B>>,
+    mut probes: NodeProbe<B>,
     i: usize,
     mut nudges: tokio::sync::watch::Receiver<u64>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        if *shutdown.borrow() {
+        if *shutdown.borrow() || *probes.stop.borrow() {
             return;
         }
-        let outcome = probe(&probes, i).await;
+        let outcome = probe(&probes).await;
         let Some(topo) = weak.upgrade() else { return };
         if topo.record(i, outcome.as_ref().copied()) {
-            tracing::debug!(node = %probes.names[i], "topology changed");
+            tracing::debug!(node = %probes.name, "topology changed");
         }
         drop(topo);
         nudges.mark_unchanged();
@@ -59,14 +62,15 @@ async fn run_node<B: Backend>(
                 tokio::time::sleep(MIN_REPROBE_GAP).await;
             }
             _ = shutdown.changed() => return,
+            _ = probes.stop.changed() => return,
         }
     }
 }
 
-async fn probe<B: Backend>(probes: &Probes<B>, i: usize) -> Result<ProbeReport, BackendError> {
-    let pool = &probes.pools[i];
+async fn probe<B: Backend>(probes: &NodeProbe<B>) -> Result<ProbeReport, BackendError> {
+    let pool = &probes.pool;
     let answer = tokio::time::timeout(probes.timeout, async {
-        let mut session = probes.refusals[i].checkout(B::checkout(pool)).await?;
+        let mut session = probes.refusal.checkout(B::checkout(pool)).await?;
         B::query_text(&mut session, sql::PROBE).await
     })
     .await;

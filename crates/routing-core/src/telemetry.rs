@@ -60,6 +60,10 @@ pub const LAG_ALERT: &str = "routing_lag_alert";
 pub const GENERATION: &str = "routing_topology_generation";
 /// Counter: times the writer became another node.
 pub const FAILOVERS: &str = "routing_failovers_total";
+/// Counter: nodes added to or removed from a running router, by `change` (`added`, `removed`).
+pub const MEMBERSHIP_CHANGES: &str = "routing_membership_changes_total";
+/// Counter: discovery polls, by `source` and `outcome` (`ok`, `error`, `timeout`, `empty`).
+pub const DISCOVERY_POLLS: &str = "routing_discovery_polls_total";
 
 fn access_label(access: Access) -> &'static str {
     match access {
@@ -306,6 +310,33 @@ pub(crate) fn pools(
     }
 }
 
+/// A node added to or removed from a running router.
+pub(crate) fn membership(node: &str, added: bool) {
+    counter!(MEMBERSHIP_CHANGES, "change" => if added { "added" } else { "removed" }).increment(1);
+    if added {
+        tracing::info!(
+            node,
+            "node added: probed from now on, serves reads once it qualifies"
+        );
+    }
+}
+
+/// One discovery poll and its outcome.
+pub(crate) fn discovery_poll(source: &str, outcome: &'static str) {
+    counter!(DISCOVERY_POLLS, "source" => source.to_string(), "outcome" => outcome).increment(1);
+}
+
+/// A removed node's gauges go to zero (the `metrics` facade cannot unregister them).
+pub(crate) fn node_gone(node: &str) {
+    gauge!(LAG_BYTES, "node" => node.to_string()).set(0.0);
+    gauge!(LAG_SECONDS, "node" => node.to_string()).set(0.0);
+    gauge!(LAG_ALERT, "node" => node.to_string()).set(0.0);
+    for access in ["write", "read"] {
+        gauge!(POOL_CONNECTIONS, "node" => node.to_string(), "access" => access).set(0.0);
+        gauge!(POOL_IDLE, "node" => node.to_string(), "access" => access).set(0.0);
+    }
+}
+
 /// A node's lag alert state.
 pub(crate) fn lag_alert(node: &str, raised: bool) {
     gauge!(LAG_ALERT, "node" => node.to_string()).set(if raised { 1.0 } else { 0.0 });
@@ -438,6 +469,11 @@ pub(crate) fn register(alerting: impl IntoIterator<Item = std::sync::Arc<str>>) 
     describe_gauge!(LAG_ALERT, "1 while a node's lag alert is raised");
     describe_gauge!(GENERATION, "The topology generation");
     describe_counter!(FAILOVERS, "Times the writer became another node");
+    describe_counter!(DISCOVERY_POLLS, "Discovery polls, by source and outcome");
+    describe_counter!(
+        MEMBERSHIP_CHANGES,
+        "Nodes added to or removed from the running router, by change"
+    );
     counter!(FAILOVERS).increment(0);
     for node in alerting {
         lag_alert(&node, false);

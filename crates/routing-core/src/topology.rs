@@ -32,6 +32,9 @@ pub enum NodeRole {
     /// Out of recovery but not the elected writer (an old primary after a promotion, or one on an
     /// older timeline). Never written to or read from until it is seen in recovery again.
     Fenced,
+    /// Removed from the router at run time ([`crate::Router::remove_node`]): never probed,
+    /// elected or read again. Its slot stays so that node indices never move.
+    Removed,
 }
 
 /// One node in a [`Snapshot`].
@@ -47,6 +50,10 @@ pub struct NodeStatus {
     pub weight: u32,
     /// Configured as a load-balancing endpoint ([`NodeConfig::load_balanced`]).
     pub load_balanced: bool,
+    /// Configured to serve reads ([`NodeConfig::reads`]).
+    pub reads: bool,
+    /// Removed at run time: a tombstone, kept so indices stay stable.
+    pub removed: bool,
     /// Observed role.
     pub role: NodeRole,
     /// Did the last probe succeed?
@@ -91,6 +98,8 @@ impl NodeStatus {
     /// May this node serve `Eventual` reads now?
     pub fn is_readable_replica(&self, now: Instant) -> bool {
         self.role == NodeRole::Replica
+            && self.reads
+            && !self.removed
             && self.reachable
             && self.lsn.is_some()
             && !self.lag_excluded
@@ -107,7 +116,8 @@ pub struct Snapshot {
     pub generation: u64,
     /// Index of the elected writer, if one is reachable.
     pub writer: Option<usize>,
-    /// Every configured node, in configuration order.
+    /// Every node, in the order it was configured or added; a node removed at run time stays
+    /// as a tombstone (`removed`, role [`NodeRole::Removed`]) so indices never move.
     pub nodes: Vec<NodeStatus>,
     /// The writer's latest LSN.
     pub primary_lsn: Option<Lsn>,
@@ -162,37 +172,7 @@ pub(crate) struct Topology {
 
 impl Topology {
     pub(crate) fn new(nodes: &[NodeConfig], lag: LagBounds, ban: BanPolicy, epoch: Epoch) -> Self {
-        let nodes = nodes
-            .iter()
-            .map(|n| NodeStatus {
-                name: Arc::from(n.name.as_str()),
-                region: n.region.clone(),
-                hint: n.role,
-                weight: n.weight,
-                load_balanced: n.load_balanced,
-                role: NodeRole::Unknown,
-                reachable: false,
-                lsn: None,
-                receive_lsn: None,
-                lag_bytes: None,
-                lag: None,
-                replay_rate: None,
-                timeline: None,
-                system_id: None,
-                banned_until: None,
-                consecutive_failures: 0,
-                lag_excluded: false,
-                last_probe: None,
-                last_error: None,
-                last_error_kind: None,
-                last_caught_up: None,
-                rate_sample: None,
-                in_recovery: None,
-                fenced: false,
-                healthy_streak: 0,
-                started: None,
-            })
-            .collect();
+        let nodes = nodes.iter().map(fresh_status).collect();
         let generation = epoch.generation();
         Topology {
             snap: Snapshot {
@@ -215,9 +195,43 @@ impl Topology {
         self.snap.clone()
     }
 
+    /// Appends a node (never probed yet); returns its index.
+    pub(crate) fn add(&mut self, node: &NodeConfig) -> usize {
+        self.snap.nodes.push(fresh_status(node));
+        self.snap.nodes.len() - 1
+    }
+
+    /// Makes node `i` a tombstone: never elected, read or probed again. Refused for the elected
+    /// writer (`Err(())`): writes would stop until another node is promoted, which is a
+    /// failover, not a membership change. Returns whether a role changed.
+    pub(crate) fn remove(&mut self, i: usize) -> Result<bool, ()> {
+        if self.snap.writer == Some(i) {
+            return Err(());
+        }
+        let Some(node) = self.snap.nodes.get_mut(i) else {
+            return Ok(false);
+        };
+        node.removed = true;
+        node.reachable = false;
+        node.in_recovery = None;
+        node.fenced = false;
+        node.lsn = None;
+        node.lag_bytes = None;
+        node.lag = None;
+        Ok(self.elect())
+    }
+
+    /// Was node `i` removed (or never added)?
+    pub(crate) fn is_removed(&self, i: usize) -> bool {
+        self.snap.nodes.get(i).is_none_or(|n| n.removed)
+    }
+
     /// Records a probe answer and re-elects the writer. Returns true when a role or the
     /// generation changed.
     pub(crate) fn apply_probe(&mut self, i: usize, report: ProbeReport, now: Instant) -> bool {
+        if self.is_removed(i) {
+            return false;
+        }
         let primary_lsn = self.snap.primary_lsn;
         let node = &mut self.snap.nodes[i];
         node.reachable = true;
@@ -306,6 +320,9 @@ impl Topology {
     /// the generation: an unreachable writer is no new server, and if it answers again as the
     /// same one its pooled sessions are still good (broken ones are dropped at checkout).
     pub(crate) fn apply_failure(&mut self, i: usize, why: &str, now: Instant) -> bool {
+        if self.is_removed(i) {
+            return false;
+        }
         let ban = self.ban;
         let node = &mut self.snap.nodes[i];
         let already_banned = node.banned_until.is_some_and(|t| t > now);
@@ -328,7 +345,9 @@ impl Topology {
     /// waiting may fix (connection) from those it will not (authentication, configuration).
     pub(crate) fn apply_error(&mut self, i: usize, err: &BackendError, now: Instant) -> bool {
         let changed = self.apply_failure(i, &err.to_string(), now);
-        self.snap.nodes[i].last_error_kind = Some(err.kind);
+        if let Some(n) = self.snap.nodes.get_mut(i).filter(|n| !n.removed) {
+            n.last_error_kind = Some(err.kind);
+        }
         changed
     }
 
@@ -369,6 +388,7 @@ impl Topology {
             .enumerate()
             .filter(|(_, n)| {
                 !n.load_balanced
+                    && !n.removed
                     && n.reachable
                     && n.in_recovery == Some(false)
                     && !n.fenced
@@ -382,6 +402,7 @@ impl Topology {
                 n.fenced = true;
             }
             n.role = match n.in_recovery {
+                _ if n.removed => NodeRole::Removed,
                 None => NodeRole::Unknown,
                 Some(true) => NodeRole::Replica,
                 Some(false) if n.load_balanced => NodeRole::Replica,
@@ -436,6 +457,40 @@ impl Topology {
             self.snap.generation = self.epoch.bump();
         }
         moved
+    }
+}
+
+/// A node as it is before its first probe.
+fn fresh_status(n: &NodeConfig) -> NodeStatus {
+    NodeStatus {
+        name: Arc::from(n.name.as_str()),
+        region: n.region.clone(),
+        hint: n.role,
+        weight: n.weight,
+        load_balanced: n.load_balanced,
+        reads: n.reads,
+        removed: false,
+        role: NodeRole::Unknown,
+        reachable: false,
+        lsn: None,
+        receive_lsn: None,
+        lag_bytes: None,
+        lag: None,
+        replay_rate: None,
+        timeline: None,
+        system_id: None,
+        banned_until: None,
+        consecutive_failures: 0,
+        lag_excluded: false,
+        last_probe: None,
+        last_error: None,
+        last_error_kind: None,
+        last_caught_up: None,
+        rate_sample: None,
+        in_recovery: None,
+        fenced: false,
+        healthy_streak: 0,
+        started: None,
     }
 }
 
@@ -534,6 +589,60 @@ mod tests {
         assert_eq!(s.writer, Some(0));
         assert_eq!(s.nodes[0].role, NodeRole::Primary);
         assert_eq!(s.nodes[1].role, NodeRole::Replica);
+    }
+
+    #[test]
+    fn membership_keeps_indices_and_never_removes_the_writer() {
+        let mut t = topo(2);
+        let now = Instant::now();
+        t.apply_probe(0, primary(1000, 1), now);
+        t.apply_probe(1, replica(1000, 5), now);
+        // The writer stays: removing it is refused and changes nothing.
+        assert_eq!(t.remove(0), Err(()));
+        assert_eq!(t.snapshot().writer, Some(0));
+        // An added node takes the next index and is unknown until probed.
+        let added = t.add(&NodeConfig::replica("n2", "postgres://x"));
+        assert_eq!(added, 2);
+        assert_eq!(t.snapshot().nodes[2].role, NodeRole::Unknown);
+        assert!(!t.snapshot().nodes[2].is_readable_replica(now));
+        t.apply_probe(2, replica(1000, 5), now);
+        assert!(t.snapshot().nodes[2].is_readable_replica(now));
+        // A removed replica is a tombstone: never readable, and late probes are ignored.
+        assert_eq!(t.remove(1), Ok(true));
+        assert!(!t.apply_probe(1, replica(1000, 5), now));
+        assert!(!t.apply_failure(1, "late", now));
+        let s = t.snapshot();
+        assert_eq!(s.nodes.len(), 3);
+        assert_eq!(s.nodes[1].role, NodeRole::Removed);
+        assert!(!s.nodes[1].is_readable_replica(now));
+        assert!(s.nodes[2].is_readable_replica(now));
+        // A removed node that was the only primary is never elected, even if it answers.
+        let mut t = topo(2);
+        t.apply_probe(1, replica(1000, 5), now);
+        assert_eq!(t.remove(0), Ok(true));
+        t.apply_probe(0, primary(1000, 1), now);
+        assert_eq!(t.snapshot().writer, None);
+    }
+
+    #[test]
+    fn a_no_reads_node_is_never_read_but_may_be_elected() {
+        let mut nodes = nodes(2);
+        nodes[1] = nodes[1].clone().no_reads();
+        let mut t = Topology::new(
+            &nodes,
+            LagBounds::default(),
+            BanPolicy::default(),
+            Epoch::default(),
+        );
+        let now = Instant::now();
+        t.apply_probe(0, primary(1000, 1), now);
+        t.apply_probe(1, replica(1000, 5), now);
+        let s = t.snapshot();
+        assert_eq!(s.nodes[1].role, NodeRole::Replica);
+        assert!(!s.nodes[1].is_readable_replica(now));
+        t.apply_failure(0, "gone", now);
+        t.apply_probe(1, primary(2000, 2), now);
+        assert_eq!(t.snapshot().writer, Some(1));
     }
 
     #[test]

@@ -92,6 +92,7 @@ cleanup() {
 #[derive(Debug, Clone)]
 pub struct HaBuilder {
     members: usize,
+    spares: usize,
     base_dir: Option<PathBuf>,
 }
 
@@ -99,6 +100,7 @@ impl Default for HaBuilder {
     fn default() -> Self {
         HaBuilder {
             members: 3,
+            spares: 0,
             base_dir: None,
         }
     }
@@ -108,6 +110,14 @@ impl HaBuilder {
     /// Number of PostgreSQL/Patroni members (default 3).
     pub fn members(mut self, n: usize) -> Self {
         self.members = n.max(1);
+        self
+    }
+
+    /// Members configured (ports, Patroni config, an HAProxy server line) but not started:
+    /// [`HaStack::add_member`] starts them one by one while the stack runs, and they join the
+    /// cluster as replicas cloned from the leader (default 0).
+    pub fn spares(mut self, n: usize) -> Self {
+        self.spares = n;
         self
     }
 
@@ -148,7 +158,7 @@ impl HaBuilder {
             path: dir.clone(),
             source,
         })?;
-        let members = (0..self.members)
+        let members = (0..self.members + self.spares)
             .map(|i| {
                 Ok(Member {
                     name: format!("pg{i}"),
@@ -179,6 +189,7 @@ impl HaBuilder {
             haproxy: Mutex::new(None),
             watchdog: Mutex::new(Some(watchdog)),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            active: AtomicUsize::new(self.members),
         };
         stack.boot()?;
         Ok(stack)
@@ -275,6 +286,8 @@ pub struct HaStack {
     haproxy: Mutex<Option<Child>>,
     watchdog: Mutex<Option<Child>>,
     stopped: std::sync::atomic::AtomicBool,
+    /// Members started so far (the first ones; the rest are spares).
+    active: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -305,7 +318,7 @@ impl HaStack {
             std::thread::sleep(Duration::from_millis(100));
         }
         self.psql(0, &template_sql())?;
-        for i in 1..self.members.len() {
+        for i in 1..self.active() {
             self.start_member(i)?;
         }
         self.write_haproxy_config()?;
@@ -507,9 +520,29 @@ tags:
         Ok(())
     }
 
-    /// The members.
+    /// The members, spares not started yet included (see [`HaStack::active`]).
     pub fn members(&self) -> &[Member] {
         &self.members
+    }
+
+    /// How many members were started (the first ones of [`HaStack::members`]).
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Starts the next spare member ([`HaBuilder::spares`]) while the stack runs; returns its
+    /// index. Patroni clones it from the leader and it joins as a replica; this does not wait
+    /// for that ([`HaStack::wait_healthy`] does).
+    pub fn add_member(&self) -> Result<usize, KitError> {
+        let i = self.active();
+        if i >= self.members.len() {
+            return Err(KitError::Timeout {
+                what: "add_member: no spare member left (HaBuilder::spares)".into(),
+            });
+        }
+        self.start_member(i)?;
+        self.active.store(i + 1, Ordering::SeqCst);
+        Ok(i)
     }
 
     /// The stack's directory (configs, logs, data dirs).
@@ -560,10 +593,11 @@ tags:
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(c) = self.cluster() {
-                let all_run = c.len() == self.members.len()
+                let active = self.active();
+                let all_run = c.len() == active
                     && c.iter()
                         .all(|s| matches!(s.state.as_str(), "running" | "streaming"));
-                let sync = self.members.len() == 1 || c.iter().any(|s| s.role == "sync_standby");
+                let sync = active == 1 || c.iter().any(|s| s.role == "sync_standby");
                 let caught_up = c
                     .iter()
                     .filter(|s| s.role != "leader")
@@ -742,7 +776,7 @@ tags:
     /// The router's nodes listed directly: every member a writer candidate (Patroni may promote
     /// any of them; the monitor decides roles from the servers).
     pub fn direct_node_configs(&self) -> Vec<routing_core::NodeConfig> {
-        self.members
+        self.members[..self.active()]
             .iter()
             .map(|m| {
                 routing_core::NodeConfig::writer(m.name.clone(), Self::writer_url(m.pg_port))

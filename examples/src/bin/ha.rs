@@ -1,9 +1,10 @@
-//! `cargo xtask ha [--json FILE] [--quick] [--config haproxy|direct]... [--round NAME]...`
+//! `cargo xtask ha [--json FILE] [--quick] [--config haproxy|direct|discovery]... [--round NAME]...`
 //!
 //! Runs the HA workload on a real etcd + Patroni + HAProxy stack and prints one line per
 //! (configuration, round). Exits non-zero when a protected mode read stale data, an
 //! acknowledged write was lost, a round saw no new primary, or the router took 1 s or more to
-//! write on a new primary it reaches directly.
+//! write on a new primary it reaches directly, or (configuration `discovery`) a member added to
+//! the Patroni cluster did not serve reads within a few probe intervals of Patroni listing it.
 
 use std::time::Instant;
 
@@ -40,7 +41,15 @@ fn line(r: &RoundReport) -> String {
         r.eventual_reads,
         r.lost_acked_writes,
         r.acked_writes,
-    )
+    ) + &match (r.member_listed_ms, r.member_serving_ms) {
+        (None, None) => String::new(),
+        (l, s) => format!(
+            " member_listed_ms {} member_serving_ms {} member_first_read_ms {}",
+            opt(l),
+            opt(s),
+            opt(r.member_first_read_ms)
+        ),
+    }
 }
 
 #[allow(clippy::print_stdout)]
@@ -115,12 +124,23 @@ fn main() {
                 r.lost_acked_writes
             ));
         }
-        if r.primary_ready_ms.is_none() || r.router_write_ms.is_none() {
+        if r.round == Round::MemberAdded.name() {
+            // A few probe intervals (defaults: 1 s probes) of Patroni listing the member, plus
+            // the discoverer's 200 ms poll.
+            if r.member_serving_ms.is_none_or(|ms| ms >= 5000) {
+                problems.push(format!(
+                    "{what}: the added member did not serve reads within 5 s of Patroni listing it ({:?} ms)",
+                    r.member_serving_ms
+                ));
+            }
+        } else if r.primary_ready_ms.is_none() || r.router_write_ms.is_none() {
             problems.push(format!(
                 "{what}: no new primary, or the router never wrote on it"
             ));
         }
-        if r.config == "direct" && r.router_write_ms.is_some_and(|ms| ms >= 1000) {
+        if (r.config == "direct" || r.config == "discovery")
+            && r.router_write_ms.is_some_and(|ms| ms >= 1000)
+        {
             problems.push(format!(
                 "{what}: router_write_ms {:?} >= 1000",
                 r.router_write_ms

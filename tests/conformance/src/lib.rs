@@ -75,6 +75,8 @@ pub use reads::{
     a_replica_on_the_old_timeline_serves_no_read,
     guarded_reads_use_a_caught_up_replica_in_a_fallback_region,
 };
+mod membership;
+pub use membership::membership_adds_and_removes_replicas_at_run_time;
 mod roles;
 pub use roles::least_privilege_monitor_sees_timelines_and_system_id;
 mod clones;
@@ -160,6 +162,7 @@ macro_rules! conformance_tests {
             web_transactions_commit_on_success_and_roll_back_otherwise,
             web_force_primary_and_method_defaults,
             web_status_handler_serves_the_router_status,
+            membership_adds_and_removes_replicas_at_run_time,
         );
     };
     (@each $h:ty; $($name:ident),* $(,)?) => {

@@ -14,17 +14,19 @@ use crate::refusal::RefusalCheck;
 use crate::stats::{Counters, bump};
 use crate::topology::Topology;
 use crate::{
-    Access, Backend, BackendError, CausalToken, Consistency, Epoch, Error, ErrorKind,
-    InMemoryMarks, NodeConfig, NodeRole, PoolSettings, PoolSpec, RegionPolicy, ReplicaPicker,
-    RoleHint, RouterConfig, RouterStats, Snapshot, TokenCodec, WriterMarks,
+    Backend, BackendError, CausalToken, Consistency, Epoch, Error, ErrorKind, InMemoryMarks,
+    NodeConfig, NodeRole, PoolSettings, RegionPolicy, ReplicaPicker, RoleHint, RouterConfig,
+    RouterStats, Snapshot, TokenCodec, WriterMarks,
 };
 
+mod members;
 mod plan;
 mod read;
 mod session;
 mod status;
 mod write;
 
+pub use members::NodeRemoval;
 pub use read::ReadConn;
 pub use status::{
     BanState, MARKS_UNHEALTHY_FOR, MarksHealth, NodeState, PoolOccupancy, PoolState, RouterStatus,
@@ -46,21 +48,32 @@ impl<B: Backend> Clone for Router<B> {
     }
 }
 
+/// A router held without keeping it alive (background tasks of the crate's own).
+pub(crate) struct WeakRouter<B: Backend>(std::sync::Weak<Inner<B>>);
+
+impl<B: Backend> WeakRouter<B> {
+    pub(crate) fn upgrade(&self) -> Option<Router<B>> {
+        self.0.upgrade().map(|inner| Router { inner })
+    }
+}
+
+impl<B: Backend> Router<B> {
+    pub(crate) fn downgrade(&self) -> WeakRouter<B> {
+        WeakRouter(Arc::downgrade(&self.inner))
+    }
+
+    pub(crate) fn subscribe_shutdown(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.topo.subscribe_shutdown()
+    }
+}
+
 impl<B: Backend> std::fmt::Debug for Router<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let snap = self.inner.topo.load();
         f.debug_struct("Router")
             .field("generation", &snap.generation)
             .field("writer", &snap.writer().map(|n| n.name.clone()))
-            .field(
-                "nodes",
-                &self
-                    .inner
-                    .nodes
-                    .iter()
-                    .map(|n| n.name.clone())
-                    .collect::<Vec<_>>(),
-            )
+            .field("nodes", &self.node_names())
             .finish()
     }
 }
@@ -78,10 +91,22 @@ pub(crate) struct NodeRuntime<B: Backend> {
     pub(crate) metrics: crate::telemetry::NodeMetrics,
     /// What the router's recent waits for its replay took (the read planner's prediction).
     pub(super) catch_up: plan::CatchUp,
+    /// Stops its probe task when the node is removed.
+    pub(super) stop_probe: tokio::sync::watch::Sender<bool>,
+    /// Shared with the probe task; gone when both are (see [`NodeRemoval::drained`]). Last, so
+    /// that the pools above are dropped first.
+    pub(super) alive: Arc<tokio::sync::watch::Sender<()>>,
 }
 
 pub(crate) struct Inner<B: Backend> {
-    pub(crate) nodes: Vec<NodeRuntime<B>>,
+    /// Node runtimes by index, swapped whole when a node is added or removed; read lock-free.
+    pub(crate) nodes: members::NodeTable<B>,
+    /// The configuration of every node present, by index (`None`: removed). Its lock
+    /// serializes membership changes; the request path never takes it.
+    pub(super) members: parking_lot::Mutex<Vec<Option<NodeConfig>>>,
+    /// Builds the pools of nodes added at run time.
+    pub(super) backend: B,
+    pub(super) probe_settings: PoolSettings,
     pub(crate) config: RouterConfig,
     /// Shared with the monitor, which depends on nothing else of the router.
     pub(super) topo: Arc<TopologyHandle>,
@@ -233,38 +258,20 @@ impl<B: Backend> RouterBuilder<B> {
             pre_ping: false,
             statement_timeout: Some(self.config.probe_timeout),
         };
+        let factory = members::NodeFactory {
+            backend: &self.backend,
+            epoch: &epoch,
+            pool: self.config.pool,
+            probe: probe_settings,
+            interval: self.config.probe_interval,
+            timeout: self.config.probe_timeout,
+        };
         let mut nodes = Vec::with_capacity(self.nodes.len());
-        let mut probe_pools = Vec::with_capacity(self.nodes.len());
-        let mut refusals = Vec::with_capacity(self.nodes.len());
+        let mut probes = Vec::with_capacity(self.nodes.len());
         for n in &self.nodes {
-            let refusal = Arc::new(RefusalCheck::for_node(n));
-            let pool = |access, settings| {
-                let mut node = n.clone();
-                node.url = n.url_for(access).clone();
-                self.backend
-                    .build_pool(PoolSpec {
-                        node,
-                        access,
-                        settings,
-                        epoch: epoch.clone(),
-                    })
-                    .map_err(|source| Error::Backend {
-                        node: n.name.clone(),
-                        source,
-                    })
-            };
-            nodes.push(NodeRuntime {
-                name: Arc::from(n.name.as_str()),
-                writer_pool: pool(Access::ReadWrite, self.config.pool)?,
-                reader_pool: pool(Access::ReadOnly, self.config.pool)?,
-                in_flight: AtomicUsize::new(0),
-                refusal: refusal.clone(),
-                read_only_role: n.reader_url.is_some(),
-                metrics: crate::telemetry::NodeMetrics::new(&Arc::from(n.name.as_str())),
-                catch_up: plan::CatchUp::default(),
-            });
-            refusals.push(refusal);
-            probe_pools.push(pool(Access::Probe, probe_settings)?);
+            let (runtime, probe) = factory.build(n)?;
+            nodes.push(Arc::new(runtime));
+            probes.push(probe);
         }
         let topology = Topology::new(&self.nodes, self.config.lag, self.config.ban, epoch.clone());
         crate::telemetry::register(
@@ -282,15 +289,11 @@ impl<B: Backend> RouterBuilder<B> {
             self.lag_alert_handlers,
         );
         let topo = Arc::new(TopologyHandle::new(topology, epoch).with_alerts(alerts));
-        let probes = crate::monitor::Probes::<B> {
-            pools: probe_pools,
-            refusals,
-            names: nodes.iter().map(|n| n.name.clone()).collect(),
-            interval: self.config.probe_interval,
-            timeout: self.config.probe_timeout,
-        };
         let inner = Arc::new(Inner {
-            nodes,
+            nodes: members::NodeTable::new(nodes),
+            members: parking_lot::Mutex::new(self.nodes.into_iter().map(Some).collect()),
+            backend: self.backend,
+            probe_settings,
             config: self.config,
             topo: topo.clone(),
             marks: self
@@ -305,7 +308,9 @@ impl<B: Backend> RouterBuilder<B> {
             metrics: crate::telemetry::RouterMetrics::new(),
         });
         let mut changes = topo.subscribe_changes();
-        crate::monitor::spawn(&topo, probes);
+        for (i, probe) in probes.into_iter().enumerate() {
+            crate::monitor::spawn_node(&topo, i, probe);
+        }
         status::spawn_pool_gauges(&inner);
         let router = Router { inner };
         let deadline = tokio::time::Instant::now()
@@ -315,7 +320,7 @@ impl<B: Backend> RouterBuilder<B> {
             .snapshot()
             .nodes
             .iter()
-            .any(|n| n.last_probe.is_none() && n.last_error.is_none())
+            .any(|n| !n.removed && n.last_probe.is_none() && n.last_error.is_none())
         {
             if tokio::time::timeout_at(deadline, changes.changed())
                 .await
@@ -416,7 +421,7 @@ impl<B: Backend> Inner<B> {
     /// Applies what a request saw of node `i` to the topology.
     pub(super) fn record_failure(&self, i: usize, why: &BackendError) {
         if self.topo.record(i, Err(why)) {
-            tracing::debug!(node = %self.nodes[i].name, "topology changed");
+            tracing::debug!(node = %self.nodes.name(i), "topology changed");
         }
     }
 
@@ -434,12 +439,12 @@ impl<B: Backend> Inner<B> {
     /// monitor re-probes. A busy pool is not a failure.
     pub(super) fn report_failure(&self, i: usize, why: &BackendError) {
         if why.kind == ErrorKind::PoolBusy {
-            tracing::debug!(node = %self.nodes[i].name, error = %why, "pool busy");
+            tracing::debug!(node = %self.nodes.name(i), error = %why, "pool busy");
             return;
         }
         bump(&self.counters.request_failures);
-        tracing::warn!(node = %self.nodes[i].name, error = %why, "node failed on the request path");
-        if self.topo.load().nodes[i].role == NodeRole::Replica {
+        tracing::warn!(node = %self.nodes.name(i), error = %why, "node failed on the request path");
+        if self.topo.load().nodes.get(i).map(|n| n.role) == Some(NodeRole::Replica) {
             self.record_failure(i, why);
         }
         self.nudge();
@@ -449,7 +454,7 @@ impl<B: Backend> Inner<B> {
     pub(super) fn misconfigured(&self, snap: &Snapshot) -> Option<Error> {
         let mut found: Option<usize> = None;
         for (i, n) in snap.nodes.iter().enumerate() {
-            if n.role == NodeRole::Replica {
+            if n.role == NodeRole::Replica || n.removed {
                 continue;
             }
             if n.reachable
@@ -482,7 +487,7 @@ impl<B: Backend> Inner<B> {
         let errors: Vec<String> = snap
             .nodes
             .iter()
-            .filter(|n| !n.reachable)
+            .filter(|n| !n.reachable && !n.removed)
             .map(|n| {
                 format!(
                     "{}: {}",

@@ -10,7 +10,7 @@ use smallvec::SmallVec;
 
 use super::plan::{Need, Step, plan_replicas};
 use super::session::{Session, classified};
-use super::{Inner, Router};
+use super::{Inner, NodeRuntime, Router};
 use crate::backend::sql;
 use crate::stats::bump;
 use crate::{
@@ -93,15 +93,15 @@ impl<B: Backend> Router<B> {
                     Some(lsn) => Need::AtLeast(lsn),
                     None => Need::Any,
                 };
-                if let Some((node, pooled)) = early {
+                if let Some((node, runtime, pooled)) = early {
                     if inner.serves_at_once(&snap, ctx, need, node) {
                         bump(&inner.counters.reads_replica);
                         crate::telemetry::read_on_replica(
-                            &inner.nodes[node].metrics,
+                            &runtime.metrics,
                             false,
                             matches!(need, Need::AtLeast(_)),
                         );
-                        return Ok(ReadConn::new(inner.clone(), node, pooled, false));
+                        return Ok(ReadConn::new(inner.clone(), node, runtime, pooled, false));
                     }
                     // Not good enough after all: never handed out, it goes back as it came.
                     drop(pooled);
@@ -223,7 +223,7 @@ impl<B: Backend> Inner<B> {
         self: &Arc<Self>,
         fallback: bool,
     ) -> Result<ReadConn<B>, Error> {
-        let (node, pooled) =
+        let (node, runtime, pooled) =
             self.acquire_on_writer(Access::ReadOnly)
                 .await
                 .map_err(|e| match e {
@@ -244,8 +244,8 @@ impl<B: Backend> Inner<B> {
         if fallback {
             bump(&self.counters.reads_primary_fallback);
         }
-        crate::telemetry::read_on_primary(&self.nodes[node].metrics, &self.metrics, fallback);
-        Ok(ReadConn::new(self.clone(), node, pooled, true))
+        crate::telemetry::read_on_primary(&runtime.metrics, &self.metrics, fallback);
+        Ok(ReadConn::new(self.clone(), node, runtime, pooled, true))
     }
 
     async fn read_on_replica(
@@ -272,7 +272,11 @@ impl<B: Backend> Inner<B> {
             }
             let choice = self.pick(snap, &current.among);
             let must_wait = current.wait;
-            let node = &self.nodes[choice];
+            // Removed since the snapshot was taken: never checked out again.
+            let Some(node) = self.nodes.get(choice) else {
+                excluded.push(choice);
+                continue;
+            };
             let checkout = node.refusal.checkout(B::checkout(&node.reader_pool));
             let checkout = crate::telemetry::checkout(&node.metrics, Access::ReadOnly, checkout);
             let mut pooled = match checkout.await {
@@ -310,7 +314,7 @@ impl<B: Backend> Inner<B> {
             }
             bump(&self.counters.reads_replica);
             crate::telemetry::read_on_replica(&node.metrics, must_wait, lsn.is_some());
-            return Ok(ReadConn::new(self.clone(), choice, pooled, false));
+            return Ok(ReadConn::new(self.clone(), choice, node, pooled, false));
         }
         self.read_on_primary(true).await
     }
@@ -323,13 +327,13 @@ impl<B: Backend> Inner<B> {
         snap: &Snapshot,
         ctx: &RequestContext,
         need: Need,
-    ) -> Option<(usize, B::Pooled)> {
+    ) -> Option<(usize, Arc<NodeRuntime<B>>, B::Pooled)> {
         let steps = self.plan(snap, ctx, need);
         let first = steps.first().filter(|s| !s.wait && !s.among.is_empty())?;
         let choice = self.pick(snap, &first.among);
-        let node = &self.nodes[choice];
+        let node = self.nodes.get(choice)?;
         match node.refusal.checkout(B::checkout(&node.reader_pool)).await {
-            Ok(pooled) => Some((choice, pooled)),
+            Ok(pooled) => Some((choice, node, pooled)),
             Err(e) => {
                 self.report_checkout_failure(choice, &e);
                 None
@@ -376,7 +380,10 @@ impl<B: Backend> Inner<B> {
                 node: i,
                 name: &snap.nodes[i].name,
                 weight: snap.nodes[i].weight,
-                in_flight: self.nodes[i].in_flight.load(Ordering::Relaxed),
+                in_flight: self
+                    .nodes
+                    .get(i)
+                    .map_or(0, |n| n.in_flight.load(Ordering::Relaxed)),
                 lag_bytes: snap.nodes[i].lag_bytes,
             })
             .collect();
@@ -402,7 +409,10 @@ impl<B: Backend> Inner<B> {
                 Some(p) => Some(p),
                 // Bounded by what is left of the budget; a busy pool only means a later poll.
                 None => {
-                    let node = &self.nodes[i];
+                    let Some(node) = self.nodes.get(i) else {
+                        // Removed while the read waited for it.
+                        return Ok(None);
+                    };
                     let checkout = node.refusal.checkout(B::checkout(&node.reader_pool));
                     match tokio::time::timeout_at(deadline, checkout).await {
                         Ok(Ok(p)) => Some(p),
@@ -443,11 +453,12 @@ impl<B: Backend> ReadConn<B> {
     pub(super) fn new(
         inner: Arc<Inner<B>>,
         node: usize,
+        runtime: Arc<NodeRuntime<B>>,
         pooled: B::Pooled,
         on_primary: bool,
     ) -> Self {
         ReadConn {
-            session: Session::new(inner, node, Access::ReadOnly, pooled),
+            session: Session::new(inner, node, runtime, Access::ReadOnly, pooled),
             on_primary,
         }
     }
@@ -480,7 +491,7 @@ impl<B: Backend> ReadConn<B> {
         result.map_err(|source| {
             let node = self.node_name().to_string();
             let inner = &self.session.inner;
-            let read_only_role = inner.nodes[self.session.node].read_only_role;
+            let read_only_role = self.session.runtime.read_only_role;
             match source.kind {
                 ErrorKind::ReadOnly => Error::MisroutedWrite { node },
                 // The reader role may read everything and write nothing: a refusal is a write.

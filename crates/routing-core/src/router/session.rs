@@ -17,7 +17,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::Inner;
+use super::{Inner, NodeRuntime};
 use crate::backend::sql;
 use crate::stats::bump;
 use crate::{Access, Backend, BackendError, ErrorKind, UserKey};
@@ -26,6 +26,9 @@ pub(crate) struct Session<B: Backend> {
     /// `Some` until dropped.
     pooled: Option<B::Pooled>,
     pub(crate) node: usize,
+    /// The node's runtime: keeps its pools open until the session is back, even if the node
+    /// was removed meanwhile.
+    pub(crate) runtime: Arc<NodeRuntime<B>>,
     access: Access,
     pub(crate) inner: Arc<Inner<B>>,
     /// Set while a commit is in flight for these users: if the guard is dropped then (the
@@ -42,13 +45,15 @@ impl<B: Backend> Session<B> {
     pub(crate) fn new(
         inner: Arc<Inner<B>>,
         node: usize,
+        runtime: Arc<NodeRuntime<B>>,
         access: Access,
         pooled: B::Pooled,
     ) -> Self {
-        inner.nodes[node].in_flight.fetch_add(1, Ordering::Relaxed);
+        runtime.in_flight.fetch_add(1, Ordering::Relaxed);
         Session {
             pooled: Some(pooled),
             node,
+            runtime,
             access,
             inner,
             pending_mark: Vec::new(),
@@ -71,7 +76,7 @@ impl<B: Backend> Session<B> {
     }
 
     pub(crate) fn node_name(&self) -> &str {
-        &self.inner.nodes[self.node].name
+        &self.runtime.name
     }
 }
 
@@ -90,9 +95,7 @@ impl<B: Backend> DerefMut for Session<B> {
 
 impl<B: Backend> Drop for Session<B> {
     fn drop(&mut self) {
-        self.inner.nodes[self.node]
-            .in_flight
-            .fetch_sub(1, Ordering::Relaxed);
+        self.runtime.in_flight.fetch_sub(1, Ordering::Relaxed);
         let Some(pooled) = self.pooled.take() else {
             return;
         };
@@ -108,7 +111,7 @@ impl<B: Backend> Drop for Session<B> {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(clean_and_return(
                 self.inner.clone(),
-                self.node,
+                self.runtime.clone(),
                 self.access,
                 returning,
                 std::mem::take(&mut self.pending_mark),
@@ -132,7 +135,7 @@ impl<B: Backend> Drop for Returning<B> {
 
 async fn clean_and_return<B: Backend>(
     inner: Arc<Inner<B>>,
-    node: usize,
+    node: Arc<NodeRuntime<B>>,
     access: Access,
     mut returning: Returning<B>,
     pending_mark: Vec<UserKey>,
@@ -160,7 +163,7 @@ async fn clean_and_return<B: Backend>(
         .unwrap_or(false);
         if !recorded {
             bump(&inner.counters.mark_update_failures);
-            tracing::warn!(node = %inner.nodes[node].name, "a cancelled commit's mark could not be recorded");
+            tracing::warn!(node = %node.name, "a cancelled commit's mark could not be recorded");
         }
     }
     match tokio::time::timeout(limit, reset_session::<B>(pooled, access)).await {
@@ -171,11 +174,11 @@ async fn clean_and_return<B: Backend>(
         }
         Ok(Err(e)) => {
             bump(&inner.counters.sessions_discarded);
-            tracing::debug!(node = %inner.nodes[node].name, error = %e, "session discarded: reset failed");
+            tracing::debug!(node = %node.name, error = %e, "session discarded: reset failed");
         }
         Err(_) => {
             bump(&inner.counters.sessions_discarded);
-            tracing::debug!(node = %inner.nodes[node].name, ?limit, "session discarded: reset timed out");
+            tracing::debug!(node = %node.name, ?limit, "session discarded: reset timed out");
         }
     }
 }

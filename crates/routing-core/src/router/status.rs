@@ -118,7 +118,7 @@ pub struct RouterStatus {
     pub system_id: Option<String>,
     /// The writer's latest LSN.
     pub primary_lsn: Option<String>,
-    /// Every configured node, in configuration order.
+    /// Every node present, in the order configured or added (removed nodes are left out).
     pub nodes: Vec<NodeState>,
     /// The marks store.
     pub marks: MarksHealth,
@@ -143,7 +143,7 @@ pub(super) fn spawn_pool_gauges<B: Backend>(inner: &std::sync::Arc<super::Inner<
         loop {
             {
                 let Some(inner) = weak.upgrade() else { return };
-                for rt in &inner.nodes {
+                for (_, rt) in inner.nodes.live() {
                     crate::telemetry::pools(
                         &rt.name,
                         rt.in_flight.load(std::sync::atomic::Ordering::Relaxed),
@@ -193,39 +193,38 @@ impl<B: Backend> Router<B> {
             .nodes
             .iter()
             .enumerate()
-            .map(|(i, n)| {
-                let rt = &inner.nodes[i];
-                NodeState {
-                    name: n.name.to_string(),
-                    region: n.region.as_ref().map(|r| r.as_str().to_string()),
-                    hint: n.hint,
-                    role: n.role,
-                    reachable: n.reachable,
-                    readable: n.is_readable_replica(now),
-                    load_balanced: n.load_balanced,
-                    lsn: n.lsn.map(|l| l.to_string()),
-                    timeline: n.timeline,
-                    lag_bytes: n.lag_bytes,
-                    lag_ms: n.lag.map(ms),
-                    lag_excluded: n.lag_excluded,
-                    lag_alert: alerts.get(i).copied().unwrap_or(false),
-                    ban: n.banned_until.filter(|t| *t > now).map(|t| {
-                        let remaining = t - now;
-                        BanState {
-                            remaining_ms: ms(remaining),
-                            expires_at_unix_ms: ms(wall + remaining),
-                        }
-                    }),
-                    consecutive_failures: n.consecutive_failures,
-                    last_probe_ms_ago: n.last_probe.map(|t| ms(now.saturating_duration_since(t))),
-                    last_error: n.last_error.clone(),
-                    pool: PoolOccupancy {
-                        in_use: rt.in_flight.load(std::sync::atomic::Ordering::Relaxed),
-                        max_size: inner.config.pool.max_size,
-                        writer: B::pool_state(&rt.writer_pool),
-                        reader: B::pool_state(&rt.reader_pool),
-                    },
-                }
+            .filter(|(_, n)| !n.removed)
+            .filter_map(|(i, n)| Some((i, n, inner.nodes.get(i)?)))
+            .map(|(i, n, rt)| NodeState {
+                name: n.name.to_string(),
+                region: n.region.as_ref().map(|r| r.as_str().to_string()),
+                hint: n.hint,
+                role: n.role,
+                reachable: n.reachable,
+                readable: n.is_readable_replica(now),
+                load_balanced: n.load_balanced,
+                lsn: n.lsn.map(|l| l.to_string()),
+                timeline: n.timeline,
+                lag_bytes: n.lag_bytes,
+                lag_ms: n.lag.map(ms),
+                lag_excluded: n.lag_excluded,
+                lag_alert: alerts.get(i).copied().unwrap_or(false),
+                ban: n.banned_until.filter(|t| *t > now).map(|t| {
+                    let remaining = t - now;
+                    BanState {
+                        remaining_ms: ms(remaining),
+                        expires_at_unix_ms: ms(wall + remaining),
+                    }
+                }),
+                consecutive_failures: n.consecutive_failures,
+                last_probe_ms_ago: n.last_probe.map(|t| ms(now.saturating_duration_since(t))),
+                last_error: n.last_error.clone(),
+                pool: PoolOccupancy {
+                    in_use: rt.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                    max_size: inner.config.pool.max_size,
+                    writer: B::pool_state(&rt.writer_pool),
+                    reader: B::pool_state(&rt.reader_pool),
+                },
             })
             .collect();
         let counters = inner.counters.read();

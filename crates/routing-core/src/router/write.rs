@@ -1,13 +1,14 @@
 //! The write path: the elected writer's sessions, the write guard, commits and their receipts.
 
 use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
 use super::session::{Session, classified};
-use super::{Inner, Router};
+use super::{Inner, NodeRuntime, Router};
 use crate::backend::sql;
 use crate::stats::bump;
 use crate::{
@@ -24,11 +25,11 @@ impl<B: Backend> Router<B> {
     /// reachable primary (across a failover), then fails with [`Error::NoPrimary`].
     #[tracing::instrument(level = "debug", name = "routing.write", skip_all, fields(node))]
     pub async fn write_with(&self, ctx: &RequestContext) -> Result<WriteConn<B>, Error> {
-        let (node, pooled) = self.inner.acquire_on_writer(Access::ReadWrite).await?;
+        let (node, runtime, pooled) = self.inner.acquire_on_writer(Access::ReadWrite).await?;
         bump(&self.inner.counters.writes);
-        crate::telemetry::write(&self.inner.nodes[node].metrics);
+        crate::telemetry::write(&runtime.metrics);
         Ok(WriteConn {
-            session: Session::new(self.inner.clone(), node, Access::ReadWrite, pooled),
+            session: Session::new(self.inner.clone(), node, runtime, Access::ReadWrite, pooled),
             user: ctx.user.clone(),
             also_mark: Vec::new(),
         })
@@ -56,14 +57,18 @@ impl<B: Backend> Inner<B> {
     pub(super) async fn acquire_on_writer(
         &self,
         access: Access,
-    ) -> Result<(usize, B::Pooled), Error> {
+    ) -> Result<(usize, Arc<NodeRuntime<B>>, B::Pooled), Error> {
         let started = tokio::time::Instant::now();
         let deadline = started + self.config.write_deadline;
         let mut changes = self.topo.subscribe_changes();
         loop {
             let snap = self.topo.load_full();
-            if let Some(w) = snap.writer {
-                let node = &self.nodes[w];
+            // The writer is never removed (`Router::remove_node` refuses it), so its slot is
+            // present; a missing one is treated like no writer.
+            if let Some((w, node)) = snap
+                .writer
+                .and_then(|w| self.nodes.get(w).map(|rt| (w, rt)))
+            {
                 let pool = if access == Access::ReadWrite {
                     &node.writer_pool
                 } else {
@@ -109,7 +114,7 @@ impl<B: Backend> Inner<B> {
                         B::discard(&mut pooled);
                         continue;
                     }
-                    Ok(Ok(pooled)) => return Ok((w, pooled)),
+                    Ok(Ok(pooled)) => return Ok((w, node.clone(), pooled)),
                     // Every session is in use and the writer answers: it stays the writer, and
                     // waiting out the deadline would only pile up more work on it.
                     Ok(Err(e)) if e.kind == ErrorKind::PoolBusy => {
