@@ -238,6 +238,21 @@ pub fn router_config() -> RouterConfig {
     crate::chaos::checker_config()
 }
 
+/// [`router_config`] for `config`. Behind HAProxy, the probe gives up after 300 ms: a
+/// connection that reaches HAProxy while its writer backend has no live server is held in
+/// connect retries for seconds and never handed to the server that comes up meanwhile, so a
+/// probe that waits out the default second notices the new primary up to a second late.
+pub fn router_config_for(config: Config) -> RouterConfig {
+    let mut c = router_config();
+    if config == Config::Haproxy {
+        c.probe_timeout = HAPROXY_PROBE_TIMEOUT;
+    }
+    c
+}
+
+/// See [`router_config_for`].
+pub const HAPROXY_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+
 /// Starts the stack, runs every configuration and round, stops the stack; `progress` is called
 /// after each round.
 pub async fn run(
@@ -325,7 +340,7 @@ async fn run_on(
         };
         let router = Router::builder(SqlxBackend::new())
             .nodes(nodes)
-            .config(router_config())
+            .config(router_config_for(config))
             .tokens(
                 TokenCodec::new(TokenKey::new(1, "ha-workload-key-0123456789abcdef")?)
                     .cluster(ha.scope()),
