@@ -67,10 +67,13 @@ async fn run_node<B: Backend>(
     }
 }
 
+/// The first connect attempt of a probe is given this share of the probe timeout; each next
+/// attempt twice as long as the one before, until the timeout.
+const FIRST_CONNECT_SHARE: u32 = 8;
+
 async fn probe<B: Backend>(probes: &NodeProbe<B>) -> Result<ProbeReport, BackendError> {
-    let pool = &probes.pool;
     let answer = tokio::time::timeout(probes.timeout, async {
-        let mut session = probes.refusal.checkout(B::checkout(pool)).await?;
+        let mut session = checkout_retrying(probes).await?;
         B::query_text(&mut session, sql::PROBE).await
     })
     .await;
@@ -83,5 +86,21 @@ async fn probe<B: Backend>(probes: &NodeProbe<B>) -> Result<ProbeReport, Backend
             ErrorKind::Timeout,
             format!("probe timed out after {:?}", probes.timeout),
         )),
+    }
+}
+
+/// The probe session. A checkout that makes no progress is abandoned and made again, with a
+/// limit that doubles each time (the probe's own timeout bounds them all): a connection that
+/// reaches a proxy such as HAProxy while its backend has no live server is held there in
+/// connect retries and never handed to the server that comes up meanwhile, so waiting it out
+/// would notice a new primary behind the proxy up to a whole probe timeout late.
+async fn checkout_retrying<B: Backend>(probes: &NodeProbe<B>) -> Result<B::Pooled, BackendError> {
+    let mut limit = probes.timeout / FIRST_CONNECT_SHARE;
+    loop {
+        let checkout = probes.refusal.checkout(B::checkout(&probes.pool));
+        match tokio::time::timeout(limit, checkout).await {
+            Ok(session) => return session,
+            Err(_) => limit *= 2,
+        }
     }
 }

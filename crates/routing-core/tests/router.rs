@@ -497,3 +497,41 @@ async fn only_sessions_that_were_used_are_reset() {
     }
     assert_eq!(r.stats().sessions_reset, 10, "every used session is reset");
 }
+
+/// A probe whose connection is held (a proxy keeping it in connect retries while its backend
+/// has no live server, modelled by a checkout that never completes) is abandoned and made
+/// again: once the node answers, the monitor sees it within a fraction of the probe timeout,
+/// not after waiting the held attempt out.
+#[tokio::test]
+async fn a_held_probe_connection_is_made_again() {
+    let world = World::new(1);
+    let probe_timeout = Duration::from_secs(3);
+    let r = Router::builder(FakeBackend(world.clone()))
+        .nodes(world.node_configs())
+        .config(RouterConfig {
+            probe_timeout,
+            ..fast_config()
+        })
+        .build()
+        .await
+        .expect("router");
+    world.set(1, |n| n.hang = true);
+    // Let a probe start and hang.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    world.set(1, |n| n.hang = false);
+    let released = Instant::now();
+    let deadline = released + probe_timeout / 2;
+    loop {
+        if r.snapshot().nodes[1]
+            .last_probe
+            .is_some_and(|t| t > released)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the held probe was waited out: no probe answered within half the probe timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
