@@ -529,8 +529,12 @@ mod tests {
     }
 
     fn topo(n: usize) -> Topology {
+        topo_of(&nodes(n))
+    }
+
+    fn topo_of(nodes: &[NodeConfig]) -> Topology {
         Topology::new(
-            &nodes(n),
+            nodes,
             LagBounds::default(),
             BanPolicy::default(),
             Epoch::default(),
@@ -568,12 +572,7 @@ mod tests {
         // just-promoted replica.
         let mut nodes = nodes(2);
         nodes[1] = nodes[1].clone().load_balanced();
-        let mut t = Topology::new(
-            &nodes,
-            LagBounds::default(),
-            BanPolicy::default(),
-            Epoch::default(),
-        );
+        let mut t = topo_of(&nodes);
         let now = Instant::now();
         t.apply_probe(0, primary(1000, 1), now);
         t.apply_probe(1, replica(1000, 5), now);
@@ -628,12 +627,7 @@ mod tests {
     fn a_no_reads_node_is_never_read_but_may_be_elected() {
         let mut nodes = nodes(2);
         nodes[1] = nodes[1].clone().no_reads();
-        let mut t = Topology::new(
-            &nodes,
-            LagBounds::default(),
-            BanPolicy::default(),
-            Epoch::default(),
-        );
+        let mut t = topo_of(&nodes);
         let now = Instant::now();
         t.apply_probe(0, primary(1000, 1), now);
         t.apply_probe(1, replica(1000, 5), now);
