@@ -179,6 +179,27 @@ fn demo() -> Result<(), Fail> {
     })
 }
 
+/// The step that runs `bin` of the examples package in a release build with `args`.
+fn release_bin(root: &std::path::Path, bin: &str, args: &[String]) -> Result<(), Fail> {
+    step(
+        &format!("{bin}: cargo run --release -p {EXAMPLES_PACKAGE} --bin {bin}"),
+        || {
+            run(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    EXAMPLES_PACKAGE,
+                    "--bin",
+                    bin,
+                    "--",
+                ])
+                .args(args)
+                .current_dir(root))
+        },
+    )
+}
+
 /// `cargo xtask chaos [ARGS]`: pass-through to the chaos binary (release build).
 fn chaos(args: &[String]) -> Result<(), Fail> {
     step(
@@ -191,23 +212,7 @@ fn chaos(args: &[String]) -> Result<(), Fail> {
             "the chaos harness is not built yet: package `{EXAMPLES_PACKAGE}` is not in the workspace"
         )));
     }
-    step(
-        "chaos: cargo run --release -p routing-examples --bin chaos",
-        || {
-            run(cargo()
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    EXAMPLES_PACKAGE,
-                    "--bin",
-                    "chaos",
-                    "--",
-                ])
-                .args(args)
-                .current_dir(&root))
-        },
-    )
+    release_bin(&root, "chaos", args)
 }
 
 /// `cargo xtask bench [--quick] [--json FILE]`: pass-through to the benchmark (release build):
@@ -218,23 +223,7 @@ fn bench(args: &[String]) -> Result<(), Fail> {
         prereq::ensure,
     )?;
     let root = workspace_root();
-    step(
-        "bench: cargo run --release -p routing-examples --bin bench",
-        || {
-            run(cargo()
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    EXAMPLES_PACKAGE,
-                    "--bin",
-                    "bench",
-                    "--",
-                ])
-                .args(args)
-                .current_dir(&root))
-        },
-    )
+    release_bin(&root, "bench", args)
 }
 
 /// `cargo xtask ha [ARGS]`: the HA workload (release build), then the leftover check.
@@ -245,23 +234,7 @@ fn ha(args: &[String]) -> Result<(), Fail> {
     )?;
     let root = workspace_root();
     let before = leftovers::Snapshot::take();
-    let run = step(
-        "ha: cargo run --release -p routing-examples --bin ha",
-        || {
-            run(cargo()
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    EXAMPLES_PACKAGE,
-                    "--bin",
-                    "ha",
-                    "--",
-                ])
-                .args(args)
-                .current_dir(&root))
-        },
-    );
+    let run = release_bin(&root, "ha", args);
     let left = step("leftovers: HA stack processes and dirs", || {
         leftovers::check(&before)
     });
