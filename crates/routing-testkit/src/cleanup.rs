@@ -102,20 +102,25 @@ pub(crate) fn owner_pid(name: &str) -> Option<u32> {
 
 /// Removes directories under `base` whose owning process is dead.
 pub(crate) fn sweep(base: &Path) {
+    for d in orphaned_dirs(base, owner_pid) {
+        cleanup_now(&d);
+    }
+}
+
+/// Directories under `base` whose owner (read from the name by `owner`) is another process,
+/// now dead.
+pub(crate) fn orphaned_dirs(base: &Path, owner: fn(&str) -> Option<u32>) -> Vec<PathBuf> {
     let me = std::process::id();
-    let stale: Vec<PathBuf> = std::fs::read_dir(base)
+    std::fs::read_dir(base)
         .into_iter()
         .flatten()
         .flatten()
         .filter(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            matches!(owner_pid(&name), Some(p) if p != me && !proc::pid_alive(p))
+            matches!(owner(&name), Some(p) if p != me && !proc::pid_alive(p))
         })
         .map(|e| e.path())
-        .collect();
-    for d in stale {
-        cleanup_now(&d);
-    }
+        .collect()
 }
 
 #[cfg(test)]

@@ -913,18 +913,7 @@ pub(crate) fn owner_pid(name: &str) -> Option<u32> {
 
 /// Stops and removes HA stacks under `base` whose owning process is dead.
 pub fn sweep(base: &Path) {
-    let me = std::process::id();
-    let stale: Vec<PathBuf> = std::fs::read_dir(base)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            matches!(owner_pid(&name), Some(p) if p != me && !proc::pid_alive(p))
-        })
-        .map(|e| e.path())
-        .collect();
-    for d in stale {
+    for d in crate::cleanup::orphaned_dirs(base, owner_pid) {
         cleanup_now(&d);
     }
 }
