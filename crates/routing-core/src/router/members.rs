@@ -41,6 +41,16 @@ impl<B: Backend> NodeTable<B> {
         self.slots.load().get(i).and_then(Clone::clone)
     }
 
+    /// What node `i`'s recent replay waits predict ([`super::plan::CatchUp`]), without taking
+    /// a reference to its runtime: the read planner asks this for every replica it might wait on.
+    pub(crate) fn expected_wait(
+        &self,
+        i: usize,
+        now: std::time::Instant,
+    ) -> Option<std::time::Duration> {
+        self.slots.load().get(i)?.as_ref()?.catch_up.expected(now)
+    }
+
     /// The nodes present now, with their indices.
     pub(crate) fn live(&self) -> Vec<(usize, Arc<NodeRuntime<B>>)> {
         self.slots

@@ -366,7 +366,7 @@ impl<B: Backend> Inner<B> {
             ctx.region.as_ref(),
             need,
             self.config.wait_budget,
-            |i| self.nodes.get(i).and_then(|n| n.catch_up.expected(now)),
+            |i| self.nodes.expected_wait(i, now),
         )
     }
 
