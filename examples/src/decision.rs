@@ -8,6 +8,7 @@
 #[allow(clippy::all, missing_docs, unreachable_pub)]
 mod fake;
 
+use crate::median;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -33,11 +34,6 @@ pub struct DecisionRow {
     pub rounds: usize,
     /// Calls per round.
     pub iters: usize,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Measures `rounds` interleaved rounds of `iters` calls per side.

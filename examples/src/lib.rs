@@ -15,6 +15,21 @@ pub mod prometheus;
 pub mod scale;
 pub mod web_service;
 
+/// The median of per-round figures (the mean of the middle two for an even count); NaN when
+/// there are none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 /// The `q` quantile (0..=1) of sorted latencies, in milliseconds; 0 when there are none.
 pub fn percentile_ms(sorted: &[std::time::Duration], q: f64) -> f64 {
     sorted

@@ -4,6 +4,7 @@
 //! rounds (`/proc/stat`) is recorded with each row: when it is near 1.0, the machine, not the
 //! library, is the limit (PostgreSQL, the client and every replica share the same cores).
 
+use crate::median;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,11 +116,6 @@ async fn measure(op: &Op, conc: usize, dur: Duration) -> Result<Sample, String> 
         p99_ms: crate::percentile_ms(&all, 0.99),
         cpu_busy: (b1 - b0) as f64 / (t1 - t0).max(1) as f64,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Runs every (replicas, concurrency) point of `opts` on `cluster` whose replica count the

@@ -26,6 +26,7 @@
 //! chart (`routing_examples::chart`: read latency per mode at 50 ms delay, replica share per mode
 //! by delay) next to it. `--quick` (about 40 s) is run by `examples/tests/bench_quick.rs`.
 
+use routing_examples::median;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -317,19 +318,6 @@ async fn measure(op: &Op, conc: usize, dur: Duration) -> Result<Sample, String> 
         throughput: all.len() as f64 / elapsed.as_secs_f64(),
         ops: all.len() as u64,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// A candidate and the baseline it is compared with.
