@@ -1345,6 +1345,12 @@ struct Sections {
     elapsed: Vec<(&'static str, f64)>,
 }
 
+/// The sections, in the order they run; `--only` picks some (their JSON is then incomplete, and
+/// not checked).
+const SECTIONS: [&str; 6] = [
+    "decision", "overhead", "scale", "offload", "peer", "failover",
+];
+
 /// The 1, 5 and 15 minute load averages.
 fn loadavg() -> Vec<f64> {
     std::fs::read_to_string("/proc/loadavg")
@@ -1356,7 +1362,11 @@ fn loadavg() -> Vec<f64> {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: bench [--quick] [--json FILE]");
+    eprintln!(
+        "usage: bench [--quick] [--json FILE] [--only SECTION,...]\n\
+         sections: {}",
+        SECTIONS.join(", ")
+    );
     std::process::exit(2)
 }
 
@@ -1392,10 +1402,29 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mut quick = false;
     let mut json_path = String::from("target/bench/bench.json");
+    let mut backends = vec!["sqlx".to_string(), "diesel".to_string()];
+    let mut only: Vec<String> = SECTIONS.iter().map(|s| s.to_string()).collect();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--json" => json_path = args.next().unwrap_or_else(|| usage()),
+            "--backend" => {
+                backends = vec![args.next().unwrap_or_else(|| usage())];
+                if !["sqlx", "diesel"].contains(&backends[0].as_str()) {
+                    usage()
+                }
+            }
+            "--only" => {
+                only = args
+                    .next()
+                    .unwrap_or_else(|| usage())
+                    .split(',')
+                    .map(str::to_string)
+                    .collect();
+                if only.iter().any(|s| !SECTIONS.contains(&s.as_str())) {
+                    usage()
+                }
+            }
             _ => usage(),
         }
     }
@@ -1498,83 +1527,100 @@ fn main() {
     let load_before = loadavg();
     let result: Result<Sections, String> = rt.block_on(async {
         let mut out = Sections::default();
-        let t = Instant::now();
-        let d = routing_examples::decision::measure(settings.decision.0, settings.decision.1)
-            .await?;
-        eprintln!(
-            "decision: Eventual {:.0} ns, Causal {:.0} ns, token verify {:.0} ns ({:.0} s)",
-            d.eventual_ns,
-            d.causal_ns,
-            d.token_verify_ns,
-            t.elapsed().as_secs_f64()
-        );
-        out.decision = json!(d);
-        let t = Instant::now();
-        bench_backend::<Sqlx>(&cluster, replica, &settings, &mut out.overhead, &mut out.breakdown)
-            .await?;
-        bench_backend::<Diesel>(&cluster, replica, &settings, &mut out.overhead, &mut out.breakdown)
-            .await?;
-        out.elapsed.push(("overhead", t.elapsed().as_secs_f64()));
-        let t = Instant::now();
-        let mut scale = routing_examples::scale::run(&cluster, &settings.scale).await?;
-        if settings.scale_four {
-            let four = tokio::task::spawn_blocking(|| {
-                routing_testkit::ClusterBuilder::new().replicas(4).start()
-            })
-            .await
-            .map_err(err)?
-            .map_err(err)?;
-            let opts = ScaleOptions {
-                replicas: vec![4],
-                ..settings.scale.clone()
-            };
-            scale.extend(routing_examples::scale::run(&four, &opts).await?);
-            tokio::task::spawn_blocking(move || drop(four))
+        let run = |name: &str| only.iter().any(|s| s == name);
+        if run("decision") {
+            let t = Instant::now();
+            let d = routing_examples::decision::measure(settings.decision.0, settings.decision.1)
+                .await?;
+            eprintln!(
+                "decision: Eventual {:.0} ns, Causal {:.0} ns, token verify {:.0} ns ({:.0} s)",
+                d.eventual_ns,
+                d.causal_ns,
+                d.token_verify_ns,
+                t.elapsed().as_secs_f64()
+            );
+            out.decision = json!(d);
+        }
+        if run("overhead") {
+            let t = Instant::now();
+            if backends.iter().any(|b| b == "sqlx") {
+                let (ov, br) = (&mut out.overhead, &mut out.breakdown);
+                bench_backend::<Sqlx>(&cluster, replica, &settings, ov, br).await?;
+            }
+            if backends.iter().any(|b| b == "diesel") {
+                let (ov, br) = (&mut out.overhead, &mut out.breakdown);
+                bench_backend::<Diesel>(&cluster, replica, &settings, ov, br).await?;
+            }
+            out.elapsed.push(("overhead", t.elapsed().as_secs_f64()));
+        }
+        if run("scale") {
+            let t = Instant::now();
+            let mut scale = routing_examples::scale::run(&cluster, &settings.scale).await?;
+            if settings.scale_four {
+                let four = tokio::task::spawn_blocking(|| {
+                    routing_testkit::ClusterBuilder::new().replicas(4).start()
+                })
                 .await
+                .map_err(err)?
                 .map_err(err)?;
+                let opts = ScaleOptions {
+                    replicas: vec![4],
+                    ..settings.scale.clone()
+                };
+                scale.extend(routing_examples::scale::run(&four, &opts).await?);
+                tokio::task::spawn_blocking(move || drop(four))
+                    .await
+                    .map_err(err)?;
+            }
+            out.scale = json!(scale);
+            out.elapsed.push(("scale", t.elapsed().as_secs_f64()));
         }
-        out.scale = json!(scale);
-        out.elapsed.push(("scale", t.elapsed().as_secs_f64()));
-        let t = Instant::now();
-        let offload = routing_examples::offload::run(&cluster, &settings.offload).await?;
-        for r in &offload {
-            eprintln!(
-                "offload: {:>26} delay {:>3} ms: replica share {:.2}, stale {}, read p50 {:.2} ms p99 {:.2} ms, {:.0} reads/s",
-                r.mode, r.delay_ms, r.replica_share, r.stale_reads, r.read_p50_ms, r.read_p99_ms, r.read_throughput
-            );
+        if run("offload") {
+            let t = Instant::now();
+            let offload = routing_examples::offload::run(&cluster, &settings.offload).await?;
+            for r in &offload {
+                eprintln!(
+                    "offload: {:>26} delay {:>3} ms: replica share {:.2}, stale {}, read p50 {:.2} ms p99 {:.2} ms, {:.0} reads/s",
+                    r.mode, r.delay_ms, r.replica_share, r.stale_reads, r.read_p50_ms, r.read_p99_ms, r.read_throughput
+                );
+            }
+            out.chart = routing_examples::chart::svg(&offload, 50);
+            out.offload = json!(offload);
+            out.elapsed.push(("offload", t.elapsed().as_secs_f64()));
         }
-        out.chart = routing_examples::chart::svg(&offload, 50);
-        out.offload = json!(offload);
-        out.elapsed.push(("offload", t.elapsed().as_secs_f64()));
-        let t = Instant::now();
-        let peer = routing_examples::peer::compare(&cluster, &settings.peer).await?;
-        for r in &peer {
-            eprintln!(
-                "peer: {:<9} delay {:>3} ms: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, replica share {:.2}, stale {}",
-                r.system, r.delay_ms, r.throughput, r.p50_ms, r.p99_ms, r.replica_share, r.stale_reads
-            );
+        if run("peer") {
+            let t = Instant::now();
+            let peer = routing_examples::peer::compare(&cluster, &settings.peer).await?;
+            for r in &peer {
+                eprintln!(
+                    "peer: {:<9} delay {:>3} ms: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, replica share {:.2}, stale {}",
+                    r.system, r.delay_ms, r.throughput, r.p50_ms, r.p99_ms, r.replica_share, r.stale_reads
+                );
+            }
+            out.peer = json!(peer);
+            out.elapsed.push(("peer", t.elapsed().as_secs_f64()));
         }
-        out.peer = json!(peer);
-        out.elapsed.push(("peer", t.elapsed().as_secs_f64()));
-        let t = Instant::now();
-        let mut faults = Vec::new();
-        for fault in [Fault::Kill, Fault::Blackhole] {
-            let row = routing_examples::failover::measure(fault, settings.failover_runs).await?;
-            eprintln!(
-                "failover: {fault:?}: p50 {:.0} ms, max {:.0} ms over {} runs",
-                row.p50_ms, row.max_ms, row.runs
-            );
-            faults.push(row);
+        if run("failover") {
+            let t = Instant::now();
+            let mut faults = Vec::new();
+            for fault in [Fault::Kill, Fault::Blackhole] {
+                let row = routing_examples::failover::measure(fault, settings.failover_runs).await?;
+                eprintln!(
+                    "failover: {fault:?}: p50 {:.0} ms, max {:.0} ms over {} runs",
+                    row.p50_ms, row.max_ms, row.runs
+                );
+                faults.push(row);
+            }
+            let mut all: Vec<f64> = faults.iter().flat_map(|r| r.samples_ms.clone()).collect();
+            all.sort_by(f64::total_cmp);
+            out.failover = json!({
+                "runs": all.len(),
+                "p50_ms": all.get(all.len() / 2).copied().unwrap_or(f64::NAN),
+                "max_ms": all.last().copied().unwrap_or(f64::NAN),
+                "by_fault": faults,
+            });
+            out.elapsed.push(("failover", t.elapsed().as_secs_f64()));
         }
-        let mut all: Vec<f64> = faults.iter().flat_map(|r| r.samples_ms.clone()).collect();
-        all.sort_by(f64::total_cmp);
-        out.failover = json!({
-            "runs": all.len(),
-            "p50_ms": all.get(all.len() / 2).copied().unwrap_or(f64::NAN),
-            "max_ms": all.last().copied().unwrap_or(f64::NAN),
-            "by_fault": faults,
-        });
-        out.elapsed.push(("failover", t.elapsed().as_secs_f64()));
         Ok(out)
     });
     drop(rt);
@@ -1631,7 +1677,12 @@ fn main() {
         svg_path.display(),
         started.elapsed().as_secs_f64()
     );
-    if let Err(e) = check_fields(&doc) {
+    if only.len() < SECTIONS.len() {
+        println!(
+            "bench: only {} ran; the JSON is not checked",
+            only.join(", ")
+        );
+    } else if let Err(e) = check_fields(&doc) {
         eprintln!("bench: the JSON is incomplete: {e}");
         std::process::exit(1);
     }
