@@ -113,6 +113,8 @@ pub struct NodeSettings {
     pub monitor_url: Option<ConnString>,
     /// [`NodeConfig::load_balanced`].
     pub load_balanced: Option<bool>,
+    /// [`NodeConfig::no_reads`]: `true` keeps reads off the node (it may still be the writer).
+    pub no_reads: Option<bool>,
     /// [`NodeConfig::lag_alert`]: replaces the router's thresholds for this node; the fields
     /// left out are the router's.
     pub lag_alert: Option<LagAlertSettings>,
@@ -455,6 +457,10 @@ impl RouterSettings {
                         Some(b) => node.load_balanced = Some(b),
                         None => return parse("true or false"),
                     },
+                    ["no_reads"] => match parse_bool(&value) {
+                        Some(b) => node.no_reads = Some(b),
+                        None => return parse("true or false"),
+                    },
                     ["lag_alert", f] => {
                         let alert = node.lag_alert.get_or_insert_with(Default::default);
                         set_alert(alert, f, &value).ok_or_else(|| {
@@ -654,6 +660,9 @@ impl RouterSettings {
             }
             if n.load_balanced == Some(true) {
                 node = node.load_balanced();
+            }
+            if n.no_reads == Some(true) {
+                node = node.no_reads();
             }
             if let Some(a) = &n.lag_alert {
                 node =

@@ -157,6 +157,7 @@ async fn a_router_from_environment_variables() {
         ("ROUTING_NODES__N1__URL", "postgres://app:pw@db-1/shop"),
         ("ROUTING_NODES__N1__WEIGHT", "3"),
         ("ROUTING_NODES__N1__LOAD_BALANCED", "true"),
+        ("ROUTING_NODES__N0__NO_READS", "true"),
         ("PATH", "/usr/bin"),
     ]);
     let settings = RouterSettings::default().with_vars(env).expect("applies");
@@ -174,6 +175,10 @@ async fn a_router_from_environment_variables() {
     assert_eq!(parts.nodes.len(), 2);
     assert_eq!(parts.nodes[1].weight, 3);
     assert!(parts.nodes[1].load_balanced);
+    assert!(
+        !parts.nodes[0].reads && parts.nodes[1].reads,
+        "no_reads from the environment"
+    );
     let r = router.read().await.expect("read");
     assert!(r.on_primary(), "consistency = primary from the environment");
 }
