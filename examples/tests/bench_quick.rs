@@ -55,6 +55,25 @@ fn quick_bench_writes_every_field() {
         for k in ["p50_ratio", "p99_ratio", "throughput_ratio"] {
             assert!(num(r, k) > 0.0, "{k} in {r}");
         }
+        // The two hand-rolled pools, measured in the same rounds: absolute figures, against the
+        // raw pool, and the router against them.
+        for k in [
+            "two_pools_p50_us",
+            "two_pools_p99_us",
+            "two_pools_throughput",
+        ] {
+            assert!(num(r, k) > 0.0, "{k} in {r}");
+        }
+        for k in [
+            "two_pools_p50_ratio",
+            "two_pools_p99_ratio",
+            "two_pools_throughput_ratio",
+            "router_vs_two_pools_p50_ratio",
+            "router_vs_two_pools_p99_ratio",
+            "router_vs_two_pools_throughput_ratio",
+        ] {
+            assert!(num(r, k) > 0.0, "{k} in {r}");
+        }
         let marks = num(r, "marks_round_trips_per_request");
         // In memory: none. Redis: one EVALSHA per read, one per write (never more).
         assert!(marks <= 1.01, "marks round trips {marks} in {r}");
