@@ -1,6 +1,6 @@
 //! `cargo xtask bench --quick` in the test suite: the benchmark binary runs its quick version on
 //! a real test-kit cluster (plus pgpool-II and two failover clusters) and writes a JSON with
-//! every field issue #15 lists, a markdown report and an SVG chart. Checked here: the fields are
+//! every field issue #15 lists, a markdown report and the chart (SVG and PNG). Checked here: the fields are
 //! there and sane (finite, ratios positive, shares within 0..1, the protected modes read nothing
 //! stale). No figure is compared with a time: the machine is shared.
 
@@ -86,6 +86,13 @@ fn quick_bench_writes_every_field() {
         num(r, "delay_ms");
         num(r, "read_p50_ms");
         num(r, "read_p99_ms");
+        // The latency distribution the chart draws: p10 ... p99.9, non-decreasing.
+        let pcts = r["read_latency_percentiles_ms"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no read_latency_percentiles_ms in {r}"));
+        assert_eq!(pcts.len(), 8, "{r}");
+        let ms: Vec<f64> = pcts.iter().map(|p| num(p, "ms")).collect();
+        assert!(ms.windows(2).all(|w| w[0] <= w[1]), "{r}");
         let share = num(r, "replica_share");
         assert!(share <= 1.0, "{r}");
         if mode.starts_with("ReadYourWrites") || mode.starts_with("Causal") || mode == "Primary" {
@@ -155,4 +162,6 @@ fn quick_bench_writes_every_field() {
     }
     let svg = std::fs::read_to_string(json.with_extension("svg")).expect("chart written");
     assert!(svg.starts_with("<svg") && svg.contains("<polyline"));
+    let png = std::fs::read(json.with_extension("png")).expect("PNG chart written");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
 }

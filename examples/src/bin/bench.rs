@@ -24,9 +24,9 @@
 //! - **Failover**: promotion to first write, killed and blackholed primary, fresh clusters
 //!   (`routing_examples::failover`).
 //!
-//! Writes the JSON (`--json`, default `target/bench/bench.json`), a markdown report and an SVG
-//! chart (`routing_examples::chart`: read latency per mode at 50 ms delay, replica share per mode
-//! by delay) next to it. `--quick` (about 40 s) is run by `examples/tests/bench_quick.rs`.
+//! Writes the JSON (`--json`, default `target/bench/bench.json`), a markdown report and the
+//! chart, as SVG and PNG (`routing_examples::chart`, drawn with plotters: the read latency
+//! distribution per mode at 50 ms delay, replica share per mode by delay) next to it. `--quick` (about 40 s) is run by `examples/tests/bench_quick.rs`.
 
 use routing_examples::median;
 use std::collections::BTreeMap;
@@ -1437,6 +1437,14 @@ fn check_fields(doc: &Value) -> Result<(), String> {
         ] {
             num(r, k)?;
         }
+        let pcts = r["read_latency_percentiles_ms"]
+            .as_array()
+            .filter(|l| l.len() == routing_examples::offload::PERCENTILES.len())
+            .ok_or_else(|| format!("offload row without read_latency_percentiles_ms: {r}"))?;
+        for p in pcts {
+            num(p, "p")?;
+            num(p, "ms")?;
+        }
         if !(0.0..=1.0).contains(&num(r, "replica_share")?) {
             return Err(format!("offload replica_share out of range: {r}"));
         }
@@ -1514,7 +1522,7 @@ struct Sections {
     offload: Value,
     peer: Value,
     failover: Value,
-    chart: String,
+    chart: Option<routing_examples::chart::Chart>,
     elapsed: Vec<(&'static str, f64)>,
 }
 
@@ -1757,7 +1765,7 @@ fn main() {
                     r.mode, r.delay_ms, r.replica_share, r.stale_reads, r.read_p50_ms, r.read_p99_ms, r.read_throughput
                 );
             }
-            out.chart = routing_examples::chart::svg(&offload, 50);
+            out.chart = Some(routing_examples::chart::draw(&offload, 50)?);
             out.offload = json!(offload);
             out.elapsed.push(("offload", t.elapsed().as_secs_f64()));
         }
@@ -1835,19 +1843,27 @@ fn main() {
     }
     let text = serde_json::to_string_pretty(&doc).expect("json");
     let md_path = path.with_extension("md");
-    let svg_path = path.with_extension("svg");
-    if let Err(e) = std::fs::write(path, text)
-        .and_then(|()| std::fs::write(&md_path, markdown(&doc)))
-        .and_then(|()| std::fs::write(&svg_path, &out.chart))
-    {
+    let (svg_path, png_path) = (path.with_extension("svg"), path.with_extension("png"));
+    let mut written = vec![path.display().to_string(), md_path.display().to_string()];
+    let mut res =
+        std::fs::write(path, text).and_then(|()| std::fs::write(&md_path, markdown(&doc)));
+    // The chart comes from the offload section.
+    if let Some(chart) = &out.chart {
+        res = res
+            .and_then(|()| std::fs::write(&svg_path, &chart.svg))
+            .and_then(|()| std::fs::write(&png_path, &chart.png));
+        written.extend([
+            svg_path.display().to_string(),
+            png_path.display().to_string(),
+        ]);
+    }
+    if let Err(e) = res {
         eprintln!("bench: cannot write {}: {e}", path.display());
         std::process::exit(1);
     }
     println!(
-        "bench: wrote {}, {} and {} in {:.0} s",
-        path.display(),
-        md_path.display(),
-        svg_path.display(),
+        "bench: wrote {} in {:.0} s",
+        written.join(", "),
         started.elapsed().as_secs_f64()
     );
     if only.len() < SECTIONS.len() {
