@@ -12,10 +12,10 @@ use routing_core::{
 };
 use routing_sqlx::SqlxBackend;
 use routing_testkit::{Cluster, WRITER_ROLE};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One mode at one delay.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OffloadRow {
     /// Consistency mode (`RecentWriterTtl(2s)` etc.).
     pub mode: String,
@@ -49,7 +49,7 @@ pub struct OffloadRow {
 pub const PERCENTILES: [f64; 8] = [10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9];
 
 /// One point of a latency distribution.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Percentile {
     /// The percentile, 0-100 (`99.9`).
     pub p: f64,

@@ -1544,11 +1544,39 @@ fn loadavg() -> Vec<f64> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench [--quick] [--json FILE] [--only SECTION,...]\n\
+        "usage: bench [--quick] [--json FILE] [--only SECTION,...] [--backend sqlx|diesel]\n\
+         \x20      bench --chart FILE   (redraw FILE's chart, .svg and .png beside it, from its offload rows)\n\
          sections: {}",
         SECTIONS.join(", ")
     );
     std::process::exit(2)
+}
+
+/// `--chart FILE`: draws the chart again from the offload rows of a JSON this binary wrote,
+/// without running anything (to change the drawing, not the figures).
+#[allow(clippy::print_stdout)]
+fn redraw(json: &str) -> ! {
+    let res = (|| -> Result<(String, String), String> {
+        let doc: Value = serde_json::from_slice(&std::fs::read(json).map_err(err)?).map_err(err)?;
+        let rows: Vec<routing_examples::offload::OffloadRow> =
+            serde_json::from_value(doc["offload"].clone()).map_err(err)?;
+        let chart = routing_examples::chart::draw(&rows, 50)?;
+        let path = std::path::Path::new(json);
+        let (svg, png) = (path.with_extension("svg"), path.with_extension("png"));
+        std::fs::write(&svg, &chart.svg).map_err(err)?;
+        std::fs::write(&png, &chart.png).map_err(err)?;
+        Ok((svg.display().to_string(), png.display().to_string()))
+    })();
+    match res {
+        Ok((svg, png)) => {
+            println!("bench: wrote {svg} and {png}");
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("bench: cannot redraw the chart of {json}: {e}");
+            std::process::exit(1)
+        }
+    }
 }
 
 fn machine() -> String {
@@ -1588,6 +1616,7 @@ fn main() {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => quick = true,
+            "--chart" => redraw(&args.next().unwrap_or_else(|| usage())),
             "--json" => json_path = args.next().unwrap_or_else(|| usage()),
             "--backend" => {
                 backends = vec![args.next().unwrap_or_else(|| usage())];
