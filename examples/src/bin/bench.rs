@@ -1840,10 +1840,11 @@ fn main() {
         eprintln!("bench: {e}");
         std::process::exit(1)
     });
-    let command = format!(
-        "cargo xtask bench{}",
-        if settings.quick { " --quick" } else { "" }
-    );
+    // The arguments as given (`--only`, `--backend` say which part of a full run this is).
+    let command = std::iter::once("cargo xtask bench".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
     let doc = json!({
         "date": now_utc(),
         "command": command,
