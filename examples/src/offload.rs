@@ -12,10 +12,10 @@ use routing_core::{
 };
 use routing_sqlx::SqlxBackend;
 use routing_testkit::{Cluster, WRITER_ROLE};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One mode at one delay.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OffloadRow {
     /// Consistency mode (`RecentWriterTtl(2s)` etc.).
     pub mode: String,
@@ -29,6 +29,8 @@ pub struct OffloadRow {
     pub read_p50_ms: f64,
     /// 99th percentile read latency, milliseconds.
     pub read_p99_ms: f64,
+    /// The read latency distribution: the latency at each of [`PERCENTILES`], in that order.
+    pub read_latency_percentiles_ms: Vec<Percentile>,
     /// Reads done.
     pub reads: u64,
     /// Reads per second.
@@ -41,6 +43,18 @@ pub struct OffloadRow {
     pub primary_reads: u64,
     /// Requests that failed.
     pub failed: u64,
+}
+
+/// The percentiles of read latency each row keeps (the chart draws them).
+pub const PERCENTILES: [f64; 8] = [10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9];
+
+/// One point of a latency distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Percentile {
+    /// The percentile, 0-100 (`99.9`).
+    pub p: f64,
+    /// The latency at it, milliseconds.
+    pub ms: f64,
 }
 
 /// Settings of an offload run.
@@ -251,6 +265,13 @@ async fn one(
         stale_reads: all.stale,
         read_p50_ms: pct(0.5),
         read_p99_ms: pct(0.99),
+        read_latency_percentiles_ms: PERCENTILES
+            .iter()
+            .map(|&p| Percentile {
+                p,
+                ms: pct(p / 100.0),
+            })
+            .collect(),
         reads,
         read_throughput: reads as f64 / elapsed,
         wait_budget_ms: 0,

@@ -1,6 +1,6 @@
 //! `cargo xtask bench --quick` in the test suite: the benchmark binary runs its quick version on
 //! a real test-kit cluster (plus pgpool-II and two failover clusters) and writes a JSON with
-//! every field issue #15 lists, a markdown report and an SVG chart. Checked here: the fields are
+//! every field issue #15 lists, a markdown report and the chart (SVG and PNG). Checked here: the fields are
 //! there and sane (finite, ratios positive, shares within 0..1, the protected modes read nothing
 //! stale). No figure is compared with a time: the machine is shared.
 
@@ -55,6 +55,25 @@ fn quick_bench_writes_every_field() {
         for k in ["p50_ratio", "p99_ratio", "throughput_ratio"] {
             assert!(num(r, k) > 0.0, "{k} in {r}");
         }
+        // The two hand-rolled pools, measured in the same rounds: absolute figures, against the
+        // raw pool, and the router against them.
+        for k in [
+            "two_pools_p50_us",
+            "two_pools_p99_us",
+            "two_pools_throughput",
+        ] {
+            assert!(num(r, k) > 0.0, "{k} in {r}");
+        }
+        for k in [
+            "two_pools_p50_ratio",
+            "two_pools_p99_ratio",
+            "two_pools_throughput_ratio",
+            "router_vs_two_pools_p50_ratio",
+            "router_vs_two_pools_p99_ratio",
+            "router_vs_two_pools_throughput_ratio",
+        ] {
+            assert!(num(r, k) > 0.0, "{k} in {r}");
+        }
         let marks = num(r, "marks_round_trips_per_request");
         // In memory: none. Redis: one EVALSHA per read, one per write (never more).
         assert!(marks <= 1.01, "marks round trips {marks} in {r}");
@@ -67,6 +86,13 @@ fn quick_bench_writes_every_field() {
         num(r, "delay_ms");
         num(r, "read_p50_ms");
         num(r, "read_p99_ms");
+        // The latency distribution the chart draws: p10 ... p99.9, non-decreasing.
+        let pcts = r["read_latency_percentiles_ms"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no read_latency_percentiles_ms in {r}"));
+        assert_eq!(pcts.len(), 8, "{r}");
+        let ms: Vec<f64> = pcts.iter().map(|p| num(p, "ms")).collect();
+        assert!(ms.windows(2).all(|w| w[0] <= w[1]), "{r}");
         let share = num(r, "replica_share");
         assert!(share <= 1.0, "{r}");
         if mode.starts_with("ReadYourWrites") || mode.starts_with("Causal") || mode == "Primary" {
@@ -136,4 +162,6 @@ fn quick_bench_writes_every_field() {
     }
     let svg = std::fs::read_to_string(json.with_extension("svg")).expect("chart written");
     assert!(svg.starts_with("<svg") && svg.contains("<polyline"));
+    let png = std::fs::read(json.with_extension("png")).expect("PNG chart written");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
 }

@@ -33,8 +33,8 @@ commands:
                             against the raw driver pools, the decision cost, scale, offload under
                             lag, pgpool-II side by side and failover (cargo run --release -p
                             routing-examples --bin bench -- ARGS); writes FILE (default
-                            target/bench/bench.json), a markdown report and an SVG chart beside
-                            it. --quick: short rounds (about 40 s), fails on a missing field
+                            target/bench/bench.json), a markdown report and the chart (SVG and
+                            PNG) beside it. --quick: short rounds (about 40 s), fails on a missing field
   ha [--json FILE] [--quick]
                             install patroni, etcd-server and haproxy when missing, then run the
                             HA workload on a real etcd + Patroni + HAProxy stack (switchover,

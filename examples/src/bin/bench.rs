@@ -2,10 +2,12 @@
 //! issue #17), measured side by side with the plain driver pools on one test-kit cluster.
 //!
 //! - **Overhead**: the same point query (reads) and a one-row insert (writes) through the raw
-//!   driver pool and through the router, for sqlx (`PgPool`, its defaults but the router's pool
+//!   driver pool, through two hand-rolled pools (a writer pool on the primary and a reader pool
+//!   on the replica, picked by hand per request: the cheat sheet's approach) and through the
+//!   router, for sqlx (`PgPool`, its defaults but the router's pool
 //!   size) and diesel-async (bb8 with diesel-async's manager defaults, same size), at
-//!   concurrency 1 and 16. Baseline and candidate run in interleaved rounds (the order flips
-//!   every round) and each figure is the median over the rounds, so machine noise hits both.
+//!   concurrency 1 and 16. The three sides run in interleaved rounds (every order in turn) and
+//!   each figure is the median over the rounds, so machine noise hits all three.
 //!   The router is given the primary and the *same* replica the raw read pool uses.
 //! - **Breakdown**: per request, the PostgreSQL round trips (ReadyForQuery messages counted by a
 //!   small TCP proxy in front of the primary and the replica), Redis commands (Redis'
@@ -22,9 +24,9 @@
 //! - **Failover**: promotion to first write, killed and blackholed primary, fresh clusters
 //!   (`routing_examples::failover`).
 //!
-//! Writes the JSON (`--json`, default `target/bench/bench.json`), a markdown report and an SVG
-//! chart (`routing_examples::chart`: read latency per mode at 50 ms delay, replica share per mode
-//! by delay) next to it. `--quick` (about 40 s) is run by `examples/tests/bench_quick.rs`.
+//! Writes the JSON (`--json`, default `target/bench/bench.json`), a markdown report and the
+//! chart, as SVG and PNG (`routing_examples::chart`, drawn with plotters: the read latency
+//! distribution per mode at 50 ms delay, replica share per mode by delay) next to it. `--quick` (about 40 s) is run by `examples/tests/bench_quick.rs`.
 
 use routing_examples::median;
 use std::collections::BTreeMap;
@@ -328,6 +330,9 @@ struct Pair {
     baseline_name: &'static str,
     baseline: Op,
     candidate: Op,
+    /// The same request through two hand-rolled pools (a writer pool on the primary, a reader
+    /// pool on the replica, picked by hand per request): a third side in the same rounds.
+    two_pools: Option<Op>,
     /// Counts marks-store calls of the candidate's router.
     marks: Option<Arc<CountingMarks>>,
     /// `Some(url)`: the candidate uses Redis marks (count Redis commands).
@@ -335,11 +340,25 @@ struct Pair {
     phases: Arc<Phases>,
 }
 
+/// The order the sides run in, per round: every permutation of (raw pool, router, two pools)
+/// in turn, so that no side is always first or last.
+const ORDERS: [[usize; 3]; 6] = [
+    [0, 1, 2],
+    [2, 1, 0],
+    [1, 2, 0],
+    [0, 2, 1],
+    [2, 0, 1],
+    [1, 0, 2],
+];
+
 async fn run_pair(p: &Pair, conc: usize, s: &Settings) -> Result<Value, String> {
     // Warm-up: fill the pools to this concurrency and the statement caches.
     measure(&p.baseline, conc, s.round / 4).await?;
     measure(&p.candidate, conc, s.round / 4).await?;
-    let (mut base, mut cand) = (Vec::new(), Vec::new());
+    if let Some(two) = &p.two_pools {
+        measure(two, conc, s.round / 4).await?;
+    }
+    let (mut base, mut cand, mut two) = (Vec::new(), Vec::new(), Vec::new());
     let (mut marks_calls, mut redis_cmds, mut cand_ops) = (0u64, 0u64, 0u64);
     for round in 0..s.rounds {
         let c0 = p.marks.as_ref().map_or(0, |m| m.calls.load(Relaxed));
@@ -347,13 +366,28 @@ async fn run_pair(p: &Pair, conc: usize, s: &Settings) -> Result<Value, String> 
             Some(url) => redis_commands(url).await?,
             None => 0,
         };
-        let (b, c) = if round % 2 == 0 {
-            let b = measure(&p.baseline, conc, s.round).await?;
-            (b, measure(&p.candidate, conc, s.round).await?)
+        // With two sides the order just flips every round, as before.
+        let order = if p.two_pools.is_some() {
+            ORDERS[round % ORDERS.len()]
+        } else if round % 2 == 0 {
+            [0, 1, 2]
         } else {
-            let c = measure(&p.candidate, conc, s.round).await?;
-            (measure(&p.baseline, conc, s.round).await?, c)
+            [1, 0, 2]
         };
+        let mut got: [Option<Sample>; 3] = [None, None, None];
+        for side in order {
+            let op = match side {
+                0 => &p.baseline,
+                1 => &p.candidate,
+                _ => match &p.two_pools {
+                    Some(op) => op,
+                    None => continue,
+                },
+            };
+            got[side] = Some(measure(op, conc, s.round).await?);
+        }
+        let [b, c, t] = got;
+        let (b, c) = (b.unwrap_or_default(), c.unwrap_or_default());
         if let Some(url) = &p.redis {
             // Less the INFO that took the first reading.
             redis_cmds += redis_commands(url).await?.saturating_sub(r0 + 1);
@@ -362,9 +396,14 @@ async fn run_pair(p: &Pair, conc: usize, s: &Settings) -> Result<Value, String> 
         cand_ops += c.ops;
         base.push(b);
         cand.push(c);
+        if let Some(t) = t {
+            two.push(t);
+        }
     }
-    let ratio =
-        |f: fn(&Sample) -> f64| median(base.iter().zip(&cand).map(|(b, c)| f(c) / f(b)).collect());
+    // Per-round ratios of `num` to `den`, then their median.
+    let ratio = |num: &[Sample], den: &[Sample], f: fn(&Sample) -> f64| {
+        median(num.iter().zip(den).map(|(n, d)| f(n) / f(d)).collect())
+    };
     let abs = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
     let ops = cand_ops.max(1) as f64;
     // Every call to the Redis store is one command round trip (RedisMarks: one EVALSHA per
@@ -375,15 +414,15 @@ async fn run_pair(p: &Pair, conc: usize, s: &Settings) -> Result<Value, String> 
     } else {
         0.0
     };
-    Ok(json!({
+    let mut row = json!({
         "backend": p.backend,
         "path": p.path,
         "mode": p.mode,
         "concurrency": conc,
         "baseline": p.baseline_name,
-        "p50_ratio": ratio(|s| s.p50_us),
-        "p99_ratio": ratio(|s| s.p99_us),
-        "throughput_ratio": ratio(|s| s.throughput),
+        "p50_ratio": ratio(&cand, &base, |s| s.p50_us),
+        "p99_ratio": ratio(&cand, &base, |s| s.p99_us),
+        "throughput_ratio": ratio(&cand, &base, |s| s.throughput),
         "marks_round_trips_per_request": marks_rt,
         "marks_calls_per_request": marks_calls as f64 / ops,
         "redis_commands_per_request": redis_cmds as f64 / ops,
@@ -395,7 +434,37 @@ async fn run_pair(p: &Pair, conc: usize, s: &Settings) -> Result<Value, String> 
         "throughput": abs(&cand, |s| s.throughput),
         "rounds": s.rounds,
         "round_ms": s.round.as_millis() as u64,
-    }))
+    });
+    if !two.is_empty() {
+        // The two hand-rolled pools: absolute figures, against the raw pool, and the router
+        // against them (ratios per round, median over rounds, like the others).
+        for (k, v) in [
+            ("two_pools_p50_us", abs(&two, |s| s.p50_us)),
+            ("two_pools_p99_us", abs(&two, |s| s.p99_us)),
+            ("two_pools_throughput", abs(&two, |s| s.throughput)),
+            ("two_pools_p50_ratio", ratio(&two, &base, |s| s.p50_us)),
+            ("two_pools_p99_ratio", ratio(&two, &base, |s| s.p99_us)),
+            (
+                "two_pools_throughput_ratio",
+                ratio(&two, &base, |s| s.throughput),
+            ),
+            (
+                "router_vs_two_pools_p50_ratio",
+                ratio(&cand, &two, |s| s.p50_us),
+            ),
+            (
+                "router_vs_two_pools_p99_ratio",
+                ratio(&cand, &two, |s| s.p99_us),
+            ),
+            (
+                "router_vs_two_pools_throughput_ratio",
+                ratio(&cand, &two, |s| s.throughput),
+            ),
+        ] {
+            row[k] = json!(v);
+        }
+    }
+    Ok(row)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -783,6 +852,31 @@ async fn rig<K: BenchBackend>(
     })
 }
 
+/// The cheat sheet's approach, without a router: the application keeps a writer pool on the
+/// primary and a reader pool on the replica (the driver's defaults, the router's pool size) and
+/// picks one by hand per request, reads to the reader pool and writes to the writer pool.
+struct TwoPools<K: BenchBackend> {
+    writer: Arc<K::RawPool>,
+    reader: Arc<K::RawPool>,
+}
+
+impl<K: BenchBackend> TwoPools<K> {
+    async fn new(c: &routing_testkit::Cluster, replica: usize) -> Result<Self, String> {
+        Ok(TwoPools {
+            writer: Arc::new(K::raw_pool(&c.writer_url(c.primary())).await?),
+            reader: Arc::new(K::raw_pool(&c.reader_url(replica)).await?),
+        })
+    }
+    /// The application's choice, made per request.
+    fn pick(&self, write: bool) -> Arc<K::RawPool> {
+        if write {
+            self.writer.clone()
+        } else {
+            self.reader.clone()
+        }
+    }
+}
+
 fn user(w: usize) -> UserKey {
     UserKey::new(format!("bench-user-{w}"))
 }
@@ -801,10 +895,28 @@ async fn wait_readable<B: routing_core::Backend>(r: &Router<B>) -> Result<(), St
     }
 }
 
-fn pairs<K: BenchBackend>(rig: &Rig<K>, redis_url: &str) -> Vec<Pair> {
+/// The scenarios on `rig`; with `two`, each also runs through the two hand-rolled pools.
+fn pairs<K: BenchBackend>(
+    rig: &Rig<K>,
+    redis_url: &str,
+    two: Option<&Arc<TwoPools<K>>>,
+) -> Vec<Pair> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let id = || (NEXT.fetch_add(7919, Relaxed) % ROWS as u64) as i32 + 1;
     let mut out = Vec::new();
+    let untimed = Arc::new(Phases::default());
+    let two_read_op = || -> Option<Op> {
+        let (two, ph) = (two?.clone(), untimed.clone());
+        Some(Arc::new(move |_w| {
+            K::raw_read(two.pick(false), id(), ph.clone())
+        }))
+    };
+    let two_write_op = |tx: bool| -> Option<Op> {
+        let (two, ph) = (two?.clone(), untimed.clone());
+        Some(Arc::new(move |_w| {
+            K::raw_write(two.pick(true), tx, ph.clone())
+        }))
+    };
     let raw_read_op = |ph: Arc<Phases>| -> Op {
         let pool = rig.raw_read.clone();
         Arc::new(move |_w| K::raw_read(pool.clone(), id(), ph.clone()))
@@ -859,6 +971,7 @@ fn pairs<K: BenchBackend>(rig: &Rig<K>, redis_url: &str) -> Vec<Pair> {
             baseline_name: "raw pool, point query",
             baseline: raw_read_op(Arc::new(Phases::default())),
             candidate,
+            two_pools: two_read_op(),
             marks: Some(marks.clone()),
             redis: redis.then(|| redis_url.to_string()),
             phases,
@@ -882,6 +995,7 @@ fn pairs<K: BenchBackend>(rig: &Rig<K>, redis_url: &str) -> Vec<Pair> {
             baseline_name,
             baseline: raw_write_op(tx, Arc::new(Phases::default())),
             candidate,
+            two_pools: two_write_op(tx),
             marks: Some(rig.mem_marks.clone()),
             redis: None,
             phases,
@@ -912,7 +1026,7 @@ async fn breakdown<K: BenchBackend>(
     .await?;
     let n = s.breakdown_requests;
     let mut out = Vec::new();
-    for (pair, timed) in pairs::<K>(&rig, &redis_url).iter().zip(timed) {
+    for (pair, timed) in pairs::<K>(&rig, &redis_url, None).iter().zip(timed) {
         for (side, op) in [("baseline", &pair.baseline), ("candidate", &pair.candidate)] {
             // Warm: a connection in each pool, statements prepared.
             for _ in 0..20 {
@@ -1007,22 +1121,28 @@ async fn bench_backend<K: BenchBackend>(
         replica: c.node(replica).port(),
     };
     let rig = rig::<K>(c, replica, &direct).await?;
-    let mut pairs = pairs::<K>(&rig, &redis_url);
+    let two = Arc::new(TwoPools::<K>::new(c, replica).await?);
+    let mut pairs = pairs::<K>(&rig, &redis_url, Some(&two));
     for &conc in &CONCURRENCY {
         for p in &pairs {
             let row = run_pair(p, conc, s).await?;
+            let g = |k: &str| row[k].as_f64().unwrap_or(0.0);
             eprintln!(
-                "{:<7} {:<5} {:<22} c={:<2} p50 {:>7.1}/{:>7.1} us ({:.2}x)  tput {:>8.0}/{:>8.0} ({:.2}x)",
+                "{:<7} {:<5} {:<22} c={:<2} p50 {:>7.1}/{:>7.1}/{:>7.1} us ({:.2}x raw, {:.2}x two pools)  tput {:>8.0}/{:>8.0}/{:>8.0} ({:.2}x raw, {:.2}x two pools)",
                 p.backend,
                 p.path,
                 p.mode,
                 conc,
-                row["p50_us"].as_f64().unwrap_or(0.0),
-                row["baseline_p50_us"].as_f64().unwrap_or(0.0),
-                row["p50_ratio"].as_f64().unwrap_or(0.0),
-                row["throughput"].as_f64().unwrap_or(0.0),
-                row["baseline_throughput"].as_f64().unwrap_or(0.0),
-                row["throughput_ratio"].as_f64().unwrap_or(0.0),
+                g("p50_us"),
+                g("baseline_p50_us"),
+                g("two_pools_p50_us"),
+                g("p50_ratio"),
+                g("router_vs_two_pools_p50_ratio"),
+                g("throughput"),
+                g("baseline_throughput"),
+                g("two_pools_throughput"),
+                g("throughput_ratio"),
+                g("router_vs_two_pools_throughput_ratio"),
             );
             overhead.push(row);
         }
@@ -1047,6 +1167,11 @@ async fn bench_backend<K: BenchBackend>(
     for r in [&rig.mem, &rig.redis] {
         r.shutdown();
     }
+    // Close the two pools before the breakdown opens its own (their ops hold them too).
+    for p in &mut pairs {
+        p.two_pools = None;
+    }
+    drop(two);
     drop(rig);
     breakdown_rows.extend(breakdown::<K>(c, replica, s, &pairs).await?);
     Ok(())
@@ -1088,6 +1213,35 @@ fn markdown(doc: &Value) -> String {
             f(r, "baseline_throughput"),
             f(r, "throughput_ratio"),
             f(r, "marks_round_trips_per_request"),
+        ));
+    }
+    md.push_str("\n## Against two hand-rolled pools (a writer pool on the primary, a reader pool on the replica, picked by hand)\n\n");
+    md.push_str("Measured in the same interleaved rounds as the raw pool and the router (every order of the three sides in turn). Ratios are per round, median over rounds.\n\n");
+    md.push_str("| backend | path | mode | c | p50 us raw / two pools / router | p99 us raw / two pools / router | req/s raw / two pools / router | two pools / raw: p50, throughput | router / two pools: p50, p99, throughput |\n|---|---|---|---|---|---|---|---|---|\n");
+    for r in doc["overhead"].as_array().into_iter().flatten() {
+        if r.get("two_pools_p50_us").is_none() {
+            continue;
+        }
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.2}, {:.2} | {:.2}, {:.2}, {:.2} |\n",
+            r["backend"].as_str().unwrap_or(""),
+            r["path"].as_str().unwrap_or(""),
+            r["mode"].as_str().unwrap_or(""),
+            r["concurrency"],
+            f(r, "baseline_p50_us"),
+            f(r, "two_pools_p50_us"),
+            f(r, "p50_us"),
+            f(r, "baseline_p99_us"),
+            f(r, "two_pools_p99_us"),
+            f(r, "p99_us"),
+            f(r, "baseline_throughput"),
+            f(r, "two_pools_throughput"),
+            f(r, "throughput"),
+            f(r, "two_pools_p50_ratio"),
+            f(r, "two_pools_throughput_ratio"),
+            f(r, "router_vs_two_pools_p50_ratio"),
+            f(r, "router_vs_two_pools_p99_ratio"),
+            f(r, "router_vs_two_pools_throughput_ratio"),
         ));
     }
     md.push_str(&format!(
@@ -1194,7 +1348,7 @@ fn markdown(doc: &Value) -> String {
 
 /// Every field a consumer of the JSON relies on; `--quick` checks them.
 fn check_fields(doc: &Value) -> Result<(), String> {
-    const OVERHEAD: [&str; 14] = [
+    const OVERHEAD: [&str; 23] = [
         "backend",
         "path",
         "mode",
@@ -1209,6 +1363,15 @@ fn check_fields(doc: &Value) -> Result<(), String> {
         "baseline_p50_us",
         "baseline_p99_us",
         "baseline_throughput",
+        "two_pools_p50_us",
+        "two_pools_p99_us",
+        "two_pools_throughput",
+        "two_pools_p50_ratio",
+        "two_pools_p99_ratio",
+        "two_pools_throughput_ratio",
+        "router_vs_two_pools_p50_ratio",
+        "router_vs_two_pools_p99_ratio",
+        "router_vs_two_pools_throughput_ratio",
     ];
     let rows = doc["overhead"].as_array().ok_or("no overhead list")?;
     let mut seen = BTreeMap::new();
@@ -1218,7 +1381,17 @@ fn check_fields(doc: &Value) -> Result<(), String> {
                 return Err(format!("overhead row without {k}: {r}"));
             }
         }
-        for k in ["p50_ratio", "p99_ratio", "throughput_ratio"] {
+        for k in [
+            "p50_ratio",
+            "p99_ratio",
+            "throughput_ratio",
+            "two_pools_p50_ratio",
+            "two_pools_p99_ratio",
+            "two_pools_throughput_ratio",
+            "router_vs_two_pools_p50_ratio",
+            "router_vs_two_pools_p99_ratio",
+            "router_vs_two_pools_throughput_ratio",
+        ] {
             let v = r[k].as_f64().unwrap_or(f64::NAN);
             if !(v.is_finite() && v > 0.0) {
                 return Err(format!("overhead row with {k} = {v}: {r}"));
@@ -1263,6 +1436,14 @@ fn check_fields(doc: &Value) -> Result<(), String> {
             "wait_budget_ms",
         ] {
             num(r, k)?;
+        }
+        let pcts = r["read_latency_percentiles_ms"]
+            .as_array()
+            .filter(|l| l.len() == routing_examples::offload::PERCENTILES.len())
+            .ok_or_else(|| format!("offload row without read_latency_percentiles_ms: {r}"))?;
+        for p in pcts {
+            num(p, "p")?;
+            num(p, "ms")?;
         }
         if !(0.0..=1.0).contains(&num(r, "replica_share")?) {
             return Err(format!("offload replica_share out of range: {r}"));
@@ -1341,7 +1522,7 @@ struct Sections {
     offload: Value,
     peer: Value,
     failover: Value,
-    chart: String,
+    chart: Option<routing_examples::chart::Chart>,
     elapsed: Vec<(&'static str, f64)>,
 }
 
@@ -1363,11 +1544,39 @@ fn loadavg() -> Vec<f64> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench [--quick] [--json FILE] [--only SECTION,...]\n\
+        "usage: bench [--quick] [--json FILE] [--only SECTION,...] [--backend sqlx|diesel]\n\
+         \x20      bench --chart FILE   (redraw FILE's chart, .svg and .png beside it, from its offload rows)\n\
          sections: {}",
         SECTIONS.join(", ")
     );
     std::process::exit(2)
+}
+
+/// `--chart FILE`: draws the chart again from the offload rows of a JSON this binary wrote,
+/// without running anything (to change the drawing, not the figures).
+#[allow(clippy::print_stdout)]
+fn redraw(json: &str) -> ! {
+    let res = (|| -> Result<(String, String), String> {
+        let doc: Value = serde_json::from_slice(&std::fs::read(json).map_err(err)?).map_err(err)?;
+        let rows: Vec<routing_examples::offload::OffloadRow> =
+            serde_json::from_value(doc["offload"].clone()).map_err(err)?;
+        let chart = routing_examples::chart::draw(&rows, 50)?;
+        let path = std::path::Path::new(json);
+        let (svg, png) = (path.with_extension("svg"), path.with_extension("png"));
+        std::fs::write(&svg, &chart.svg).map_err(err)?;
+        std::fs::write(&png, &chart.png).map_err(err)?;
+        Ok((svg.display().to_string(), png.display().to_string()))
+    })();
+    match res {
+        Ok((svg, png)) => {
+            println!("bench: wrote {svg} and {png}");
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("bench: cannot redraw the chart of {json}: {e}");
+            std::process::exit(1)
+        }
+    }
 }
 
 fn machine() -> String {
@@ -1407,6 +1616,7 @@ fn main() {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => quick = true,
+            "--chart" => redraw(&args.next().unwrap_or_else(|| usage())),
             "--json" => json_path = args.next().unwrap_or_else(|| usage()),
             "--backend" => {
                 backends = vec![args.next().unwrap_or_else(|| usage())];
@@ -1584,7 +1794,7 @@ fn main() {
                     r.mode, r.delay_ms, r.replica_share, r.stale_reads, r.read_p50_ms, r.read_p99_ms, r.read_throughput
                 );
             }
-            out.chart = routing_examples::chart::svg(&offload, 50);
+            out.chart = Some(routing_examples::chart::draw(&offload, 50)?);
             out.offload = json!(offload);
             out.elapsed.push(("offload", t.elapsed().as_secs_f64()));
         }
@@ -1630,10 +1840,11 @@ fn main() {
         eprintln!("bench: {e}");
         std::process::exit(1)
     });
-    let command = format!(
-        "cargo xtask bench{}",
-        if settings.quick { " --quick" } else { "" }
-    );
+    // The arguments as given (`--only`, `--backend` say which part of a full run this is).
+    let command = std::iter::once("cargo xtask bench".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
     let doc = json!({
         "date": now_utc(),
         "command": command,
@@ -1662,19 +1873,27 @@ fn main() {
     }
     let text = serde_json::to_string_pretty(&doc).expect("json");
     let md_path = path.with_extension("md");
-    let svg_path = path.with_extension("svg");
-    if let Err(e) = std::fs::write(path, text)
-        .and_then(|()| std::fs::write(&md_path, markdown(&doc)))
-        .and_then(|()| std::fs::write(&svg_path, &out.chart))
-    {
+    let (svg_path, png_path) = (path.with_extension("svg"), path.with_extension("png"));
+    let mut written = vec![path.display().to_string(), md_path.display().to_string()];
+    let mut res =
+        std::fs::write(path, text).and_then(|()| std::fs::write(&md_path, markdown(&doc)));
+    // The chart comes from the offload section.
+    if let Some(chart) = &out.chart {
+        res = res
+            .and_then(|()| std::fs::write(&svg_path, &chart.svg))
+            .and_then(|()| std::fs::write(&png_path, &chart.png));
+        written.extend([
+            svg_path.display().to_string(),
+            png_path.display().to_string(),
+        ]);
+    }
+    if let Err(e) = res {
         eprintln!("bench: cannot write {}: {e}", path.display());
         std::process::exit(1);
     }
     println!(
-        "bench: wrote {}, {} and {} in {:.0} s",
-        path.display(),
-        md_path.display(),
-        svg_path.display(),
+        "bench: wrote {} in {:.0} s",
+        written.join(", "),
         started.elapsed().as_secs_f64()
     );
     if only.len() < SECTIONS.len() {
