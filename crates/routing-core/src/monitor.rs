@@ -67,13 +67,17 @@ async fn run_node<B: Backend>(
     }
 }
 
-/// The first connect attempt of a probe is given this share of the probe timeout; each next
-/// attempt twice as long as the one before, until the timeout.
-const FIRST_CONNECT_SHARE: u32 = 8;
+/// While a probe's session is not there yet, another connect attempt starts every this share of
+/// the probe timeout, beside the ones still in flight.
+const CONNECT_STEP_SHARE: u32 = 16;
+
+/// At most this many connect attempts of one probe are in flight; starting another abandons the
+/// oldest, so each may take [`CONNECT_ATTEMPTS`] steps (half the probe timeout) to connect.
+pub(crate) const CONNECT_ATTEMPTS: u32 = 8;
 
 async fn probe<B: Backend>(probes: &NodeProbe<B>) -> Result<ProbeReport, BackendError> {
     let answer = tokio::time::timeout(probes.timeout, async {
-        let mut session = checkout_retrying(probes).await?;
+        let mut session = checkout_hedged(probes).await?;
         B::query_text(&mut session, sql::PROBE).await
     })
     .await;
@@ -89,18 +93,27 @@ async fn probe<B: Backend>(probes: &NodeProbe<B>) -> Result<ProbeReport, Backend
     }
 }
 
-/// The probe session. A checkout that makes no progress is abandoned and made again, with a
-/// limit that doubles each time (the probe's own timeout bounds them all): a connection that
-/// reaches a proxy such as HAProxy while its backend has no live server is held there in
-/// connect retries and never handed to the server that comes up meanwhile, so waiting it out
-/// would notice a new primary behind the proxy up to a whole probe timeout late.
-async fn checkout_retrying<B: Backend>(probes: &NodeProbe<B>) -> Result<B::Pooled, BackendError> {
-    let mut limit = probes.timeout / FIRST_CONNECT_SHARE;
+/// The probe session. A checkout that has not completed after a step gets company: another
+/// attempt starts beside it every step (up to [`CONNECT_ATTEMPTS`] at once, the oldest
+/// abandoned), and the first to finish, session or error, is the answer (the probe's own
+/// timeout bounds them all). A connection that reaches a proxy such as HAProxy while its
+/// backend has no live server is held there in connect retries and never handed to the server
+/// that comes up meanwhile: only a connection made after the switch reaches it, so how soon
+/// the monitor sees a new primary behind the proxy is one step, not the remaining life of
+/// whichever attempt was waiting (abandoning an attempt for the next one, with a limit that
+/// doubled so a slow connect still gets through, left up to half the probe timeout between
+/// the switch and a fresh attempt). An answering node costs one attempt, as before.
+async fn checkout_hedged<B: Backend>(probes: &NodeProbe<B>) -> Result<B::Pooled, BackendError> {
+    let step = probes.timeout / CONNECT_STEP_SHARE;
+    let mut attempts = std::collections::VecDeque::with_capacity(CONNECT_ATTEMPTS as usize);
     loop {
-        let checkout = probes.refusal.checkout(B::checkout(&probes.pool));
-        match tokio::time::timeout(limit, checkout).await {
-            Ok(session) => return session,
-            Err(_) => limit *= 2,
+        if attempts.len() == CONNECT_ATTEMPTS as usize {
+            attempts.pop_front();
+        }
+        attempts.push_back(Box::pin(probes.refusal.checkout(B::checkout(&probes.pool))));
+        tokio::select! {
+            (done, _, _) = futures_util::future::select_all(attempts.iter_mut()) => return done,
+            () = tokio::time::sleep(step) => {}
         }
     }
 }
