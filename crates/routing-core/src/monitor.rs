@@ -48,13 +48,17 @@ async fn run_node<B: Backend>(
         if *shutdown.borrow() || *probes.stop.borrow() {
             return;
         }
+        // A nudge that arrives while this probe is in flight asks for another one: the caller
+        // saw a failure (or waits for a writer) after this probe began, so its answer may
+        // predate what the caller needs. Marking nudges seen only after the probe dropped them,
+        // and a write waiting for a writer then waited for its next re-nudge.
+        nudges.borrow_and_update();
         let outcome = probe(&probes).await;
         let Some(topo) = weak.upgrade() else { return };
         if topo.record(i, outcome.as_ref().copied()) {
             tracing::debug!(node = %probes.name, "topology changed");
         }
         drop(topo);
-        nudges.mark_unchanged();
         tokio::select! {
             _ = tokio::time::sleep(probes.interval) => {}
             r = nudges.changed() => {
