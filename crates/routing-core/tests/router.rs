@@ -590,3 +590,43 @@ async fn a_waiting_write_is_served_soon_after_a_held_writer_answers() {
         "the write waited {waited:?} after the writer answered (probe timeout {probe_timeout:?})"
     );
 }
+
+/// A write whose checkout on the writer is held (a stable endpoint whose old server went away)
+/// is abandoned as soon as the monitor sees another server behind the same node (the
+/// generation moved), not only when another node is elected: its session would be discarded
+/// anyway, and waiting it out is the pool's whole connect timeout.
+#[tokio::test]
+async fn a_held_write_checkout_follows_a_new_server_behind_the_same_node() {
+    let world = World::new(1);
+    let r = Router::builder(FakeBackend(world.clone()))
+        .nodes(world.node_configs())
+        .config(RouterConfig {
+            probe_interval: Duration::from_secs(60),
+            probe_timeout: Duration::from_secs(1),
+            write_deadline: Duration::from_secs(3),
+            ..fast_config()
+        })
+        .build()
+        .await
+        .expect("router");
+    let g0 = r.snapshot().generation;
+    world.set(0, |n| n.hang = true);
+    let write = tokio::spawn({
+        let r = r.clone();
+        async move { r.write().await.map(|w| w.node_name().to_string()) }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!write.is_finished(), "the write's checkout is held");
+    // Another server answers behind the same node (a promoted replica behind the endpoint).
+    world.set(0, |n| {
+        n.hang = false;
+        n.timeline = 2;
+    });
+    r.reprobe();
+    let node = write
+        .await
+        .expect("write task")
+        .expect("the held checkout is abandoned for the new server");
+    assert_eq!(node, "n0");
+    assert!(r.snapshot().generation > g0, "the generation moved");
+}
