@@ -17,7 +17,8 @@ pub enum Access {
     ReadWrite,
     /// Reads. Sessions are made read-only at the server (`default_transaction_read_only = on`).
     ReadOnly,
-    /// The monitor's probes: read-only, one connection, short statement timeout.
+    /// The monitor's probes: read-only, one session at a time (a few connect attempts side by
+    /// side while a connection is held), short statement timeout.
     Probe,
 }
 

@@ -2,8 +2,12 @@
 //! removed), probing on an interval and at once when a caller reports a
 //! failure. Tasks hold only a weak reference, so they end with the router.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures_util::future::select_all;
 
 use crate::backend::sql;
 use crate::handle::TopologyHandle;
@@ -39,41 +43,70 @@ pub(crate) fn spawn_node<B: Backend>(topo: &Arc<TopologyHandle>, i: usize, probe
 
 async fn run_node<B: Backend>(
     weak: Weak<TopologyHandle>,
-    mut probes: NodeProbe<B>,
+    probes: NodeProbe<B>,
     i: usize,
     mut nudges: tokio::sync::watch::Receiver<u64>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let NodeProbe {
+        pool,
+        refusal,
+        name,
+        interval,
+        timeout,
+        mut stop,
+        _alive,
+    } = probes;
+    let connect = || Box::pin(refusal.checkout(B::checkout(&pool)));
+    // Connect attempts still in flight when a probe timed out: the next probe takes them over.
+    let mut attempts = Attempts::new(timeout / CONNECT_STEP_SHARE);
     loop {
-        if *shutdown.borrow() || *probes.stop.borrow() {
+        if *shutdown.borrow() || *stop.borrow() {
             return;
         }
-        let outcome = probe(&probes).await;
+        // A nudge that arrives while this probe is in flight asks for another one: the caller
+        // saw a failure (or waits for a writer) after this probe began, so its answer may
+        // predate what the caller needs. Marking nudges seen only after the probe dropped them,
+        // and a write waiting for a writer then waited for its next re-nudge.
+        nudges.borrow_and_update();
+        let outcome = probe::<B, _, _>(&mut attempts, &connect, timeout).await;
         let Some(topo) = weak.upgrade() else { return };
         if topo.record(i, outcome.as_ref().copied()) {
-            tracing::debug!(node = %probes.name, "topology changed");
+            tracing::debug!(node = %name, "topology changed");
         }
         drop(topo);
-        nudges.mark_unchanged();
         tokio::select! {
-            _ = tokio::time::sleep(probes.interval) => {}
+            _ = tokio::time::sleep(interval) => {}
             r = nudges.changed() => {
                 if r.is_err() { return; }
                 tokio::time::sleep(MIN_REPROBE_GAP).await;
             }
             _ = shutdown.changed() => return,
-            _ = probes.stop.changed() => return,
+            _ = stop.changed() => return,
         }
     }
 }
 
-/// The first connect attempt of a probe is given this share of the probe timeout; each next
-/// attempt twice as long as the one before, until the timeout.
-const FIRST_CONNECT_SHARE: u32 = 8;
+/// While a probe's session is not there yet, another connect attempt starts every this share of
+/// the probe timeout, beside the ones still in flight.
+const CONNECT_STEP_SHARE: u32 = 16;
 
-async fn probe<B: Backend>(probes: &NodeProbe<B>) -> Result<ProbeReport, BackendError> {
-    let answer = tokio::time::timeout(probes.timeout, async {
-        let mut session = checkout_retrying(probes).await?;
+/// At most this many connect attempts of one probe are in flight; starting another abandons the
+/// oldest, so each may take [`CONNECT_ATTEMPTS`] steps (half the probe timeout) to connect.
+pub(crate) const CONNECT_ATTEMPTS: u32 = 8;
+
+async fn probe<B, F, C>(
+    attempts: &mut Attempts<F>,
+    connect: &C,
+    timeout: Duration,
+) -> Result<ProbeReport, BackendError>
+where
+    B: Backend,
+    F: Future<Output = Result<B::Pooled, BackendError>>,
+    C: Fn() -> Pin<Box<F>>,
+{
+    let answer = tokio::time::timeout(timeout, async {
+        let mut session = attempts.checkout(connect).await?;
         B::query_text(&mut session, sql::PROBE).await
     })
     .await;
@@ -84,23 +117,71 @@ async fn probe<B: Backend>(probes: &NodeProbe<B>) -> Result<ProbeReport, Backend
         Ok(Err(e)) => Err(e),
         Err(_) => Err(BackendError::new(
             ErrorKind::Timeout,
-            format!("probe timed out after {:?}", probes.timeout),
+            format!("probe timed out after {timeout:?}"),
         )),
     }
 }
 
-/// The probe session. A checkout that makes no progress is abandoned and made again, with a
-/// limit that doubles each time (the probe's own timeout bounds them all): a connection that
-/// reaches a proxy such as HAProxy while its backend has no live server is held there in
-/// connect retries and never handed to the server that comes up meanwhile, so waiting it out
-/// would notice a new primary behind the proxy up to a whole probe timeout late.
-async fn checkout_retrying<B: Backend>(probes: &NodeProbe<B>) -> Result<B::Pooled, BackendError> {
-    let mut limit = probes.timeout / FIRST_CONNECT_SHARE;
-    loop {
-        let checkout = probes.refusal.checkout(B::checkout(&probes.pool));
-        match tokio::time::timeout(limit, checkout).await {
-            Ok(session) => return session,
-            Err(_) => limit *= 2,
+/// A probe's connect attempts, oldest first, each with when it started.
+///
+/// A checkout that has not completed after a step gets company: another attempt starts beside
+/// it every step (up to [`CONNECT_ATTEMPTS`] at once, the oldest abandoned), and the first to
+/// finish, session or error, is the answer. A connection that reaches a proxy such as HAProxy
+/// while its backend has no live server is held there; one made after the switch reaches the
+/// new server at once, so how soon the monitor sees a new primary behind the proxy is one step,
+/// not the remaining life of whichever attempt was waiting (abandoning an attempt for the next
+/// one, with a limit that doubled so a slow connect still gets through, left up to half the
+/// probe timeout between the switch and a fresh attempt). The same holds for a server that is
+/// starting up, which sqlx retries inside one attempt with a growing backoff. Attempts still in
+/// flight when the probe timed out are kept for the next probe (a held connection that the
+/// proxy hands on just as the timeout strikes is then used, not thrown away and made again);
+/// one older than [`CONNECT_ATTEMPTS`] steps is dropped then. An answering node costs one
+/// attempt, as before.
+struct Attempts<F> {
+    step: Duration,
+    in_flight: VecDeque<(Instant, Pin<Box<F>>)>,
+}
+
+impl<F, T> Attempts<F>
+where
+    F: Future<Output = Result<T, BackendError>>,
+{
+    fn new(step: Duration) -> Self {
+        Attempts {
+            step,
+            in_flight: VecDeque::with_capacity(CONNECT_ATTEMPTS as usize),
+        }
+    }
+
+    async fn checkout(&mut self, connect: &impl Fn() -> Pin<Box<F>>) -> Result<T, BackendError> {
+        let life = self.step * CONNECT_ATTEMPTS;
+        self.in_flight.retain(|(at, _)| at.elapsed() < life);
+        loop {
+            let next = match self.in_flight.back() {
+                Some((at, _)) if at.elapsed() < self.step => *at + self.step,
+                _ => {
+                    if self.in_flight.len() == CONNECT_ATTEMPTS as usize {
+                        self.in_flight.pop_front();
+                    }
+                    let at = Instant::now();
+                    self.in_flight.push_back((at, connect()));
+                    at + self.step
+                }
+            };
+            let won = tokio::select! {
+                (done, index, _) = select_all(self.in_flight.iter_mut().map(|(_, f)| f)) => {
+                    Some((done, index))
+                }
+                () = tokio::time::sleep_until(next.into()) => None,
+            };
+            if let Some((done, index)) = won {
+                self.in_flight.remove(index);
+                if done.is_ok() {
+                    // The node answers: the other attempts are not needed.
+                    self.in_flight.clear();
+                }
+                return done;
+            }
         }
     }
 }

@@ -535,3 +535,98 @@ async fn a_held_probe_connection_is_made_again() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A write waiting for a writer whose connections are held (a proxy with no live server behind
+/// it: a connection that arrives meanwhile is never handed to the server that comes up) is
+/// served about a connect step (a sixteenth of the probe timeout) after the node answers
+/// again, not when the attempt the probe was waiting on gives up (up to half the probe timeout
+/// later) nor at the next scheduled probe.
+#[tokio::test]
+async fn a_waiting_write_is_served_soon_after_a_held_writer_answers() {
+    let world = World::new(1);
+    let probe_timeout = Duration::from_millis(1600);
+    let r = Router::builder(FakeBackend(world.clone()))
+        .nodes(world.node_configs())
+        .config(RouterConfig {
+            probe_interval: Duration::from_secs(60),
+            probe_timeout,
+            write_deadline: Duration::from_secs(20),
+            ..fast_config()
+        })
+        .build()
+        .await
+        .expect("router");
+    // Every connection to the writer is held: its probe times out and it is no longer elected.
+    world.set(0, |n| n.hang = true);
+    r.reprobe();
+    let lost = Instant::now() + probe_timeout * 3;
+    while r.snapshot().writer.is_some() {
+        assert!(Instant::now() < lost, "the held writer was never given up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A write now waits for a writer; it asks the monitor for a probe, which starts at once
+    // (after the 10 ms re-probe gap) and whose connect attempts are held.
+    let asked = Instant::now();
+    let write = tokio::spawn({
+        let r = r.clone();
+        async move { r.write().await.map(|w| w.node_name().to_string()) }
+    });
+    // The node answers again 700 ms into that probe: past its third connect attempt's start
+    // (at 3/8 of the timeout), which a probe that retried one attempt at a time with a doubling
+    // limit would wait out until 7/8 of the timeout (1400 ms).
+    tokio::time::sleep_until((asked + Duration::from_millis(710)).into()).await;
+    assert!(!write.is_finished(), "the write waits for a writer");
+    world.set(0, |n| n.hang = false);
+    let answered = Instant::now();
+    let node = write
+        .await
+        .expect("write task")
+        .expect("the write is served once the writer answers");
+    let waited = answered.elapsed();
+    assert_eq!(node, "n0");
+    eprintln!("write served {waited:?} after the writer answered again");
+    assert!(
+        waited < probe_timeout / 4,
+        "the write waited {waited:?} after the writer answered (probe timeout {probe_timeout:?})"
+    );
+}
+
+/// A write whose checkout on the writer is held (a stable endpoint whose old server went away)
+/// is abandoned as soon as the monitor sees another server behind the same node (the
+/// generation moved), not only when another node is elected: its session would be discarded
+/// anyway, and waiting it out is the pool's whole connect timeout.
+#[tokio::test]
+async fn a_held_write_checkout_follows_a_new_server_behind_the_same_node() {
+    let world = World::new(1);
+    let r = Router::builder(FakeBackend(world.clone()))
+        .nodes(world.node_configs())
+        .config(RouterConfig {
+            probe_interval: Duration::from_secs(60),
+            probe_timeout: Duration::from_secs(1),
+            write_deadline: Duration::from_secs(3),
+            ..fast_config()
+        })
+        .build()
+        .await
+        .expect("router");
+    let g0 = r.snapshot().generation;
+    world.set(0, |n| n.hang = true);
+    let write = tokio::spawn({
+        let r = r.clone();
+        async move { r.write().await.map(|w| w.node_name().to_string()) }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!write.is_finished(), "the write's checkout is held");
+    // Another server answers behind the same node (a promoted replica behind the endpoint).
+    world.set(0, |n| {
+        n.hang = false;
+        n.timeline = 2;
+    });
+    r.reprobe();
+    let node = write
+        .await
+        .expect("write task")
+        .expect("the held checkout is abandoned for the new server");
+    assert_eq!(node, "n0");
+    assert!(r.snapshot().generation > g0, "the generation moved");
+}

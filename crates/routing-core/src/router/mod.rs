@@ -245,8 +245,11 @@ impl<B: Backend> RouterBuilder<B> {
         // Probe sessions are renewed often: behind a stable endpoint (HAProxy, a cloud writer
         // endpoint) only a new connection shows which server the endpoint points at now.
         let probe_lifetime = (self.config.probe_interval * 4).max(Duration::from_secs(1));
+        // Room for the connect attempts a probe makes side by side while a connection is held
+        // (`monitor::CONNECT_ATTEMPTS`); a probe uses one session at a time, so the pool
+        // normally holds one.
         let probe_settings = PoolSettings {
-            max_size: 1,
+            max_size: crate::monitor::CONNECT_ATTEMPTS,
             connect_timeout: self.config.probe_timeout,
             max_lifetime: Some(
                 self.config

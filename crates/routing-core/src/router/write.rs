@@ -85,13 +85,18 @@ impl<B: Backend> Inner<B> {
                 tokio::pin!(checkout);
                 // A checkout on a writer that stopped answering (blackholed, not refusing) can
                 // take the pool's whole connect timeout. Give up on it as soon as the monitor
-                // elects another writer, so writes follow a failover at once.
+                // elects another writer, or sees another server behind the same node (a stable
+                // endpoint: a connection held by a proxy with no live server is never handed
+                // to the new one, and a session made under the old generation would be
+                // discarded anyway), so writes follow a failover at once.
                 let outcome = loop {
                     tokio::select! {
                         biased;
                         outcome = &mut checkout => break Some(outcome),
                         Ok(()) = changes.changed() => {
-                            if self.topo.load().writer != Some(w) {
+                            if self.topo.load().writer != Some(w)
+                                || self.topo.epoch().generation() != generation
+                            {
                                 break None;
                             }
                         }
