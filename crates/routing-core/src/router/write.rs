@@ -76,6 +76,11 @@ impl<B: Backend> Inner<B> {
                 };
                 changes.borrow_and_update();
                 let generation = self.topo.epoch().generation();
+                // Another writer elected, or another server behind the same node.
+                let moved = || {
+                    self.topo.load().writer != Some(w)
+                        || self.topo.epoch().generation() != generation
+                };
                 let checkout = crate::telemetry::checkout(
                     &node.metrics,
                     access,
@@ -94,9 +99,7 @@ impl<B: Backend> Inner<B> {
                         biased;
                         outcome = &mut checkout => break Some(outcome),
                         Ok(()) = changes.changed() => {
-                            if self.topo.load().writer != Some(w)
-                                || self.topo.epoch().generation() != generation
-                            {
+                            if moved() {
                                 break None;
                             }
                         }
@@ -111,10 +114,7 @@ impl<B: Backend> Inner<B> {
                     // is no longer the writer (it may be an old primary still accepting writes).
                     // A session the pool made while the generation moved (sqlx cannot stamp a
                     // new connection) may be on the server the topology just left behind.
-                    Ok(Ok(pooled))
-                        if self.topo.load().writer != Some(w)
-                            || self.topo.epoch().generation() != generation =>
-                    {
+                    Ok(Ok(pooled)) if moved() => {
                         let mut pooled = pooled;
                         B::discard(&mut pooled);
                         continue;
