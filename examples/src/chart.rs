@@ -132,6 +132,27 @@ fn dodge(modes: &[&str], mode: &str) -> f64 {
 
 type DrawResult = Result<(), String>;
 
+/// One mode's line with a marker at each point, in the mode's style (smaller markers for the
+/// thin variants), on either panel.
+fn mode_line<DB: DrawingBackend, CT: CoordTranslate<From = (f64, f64)>>(
+    chart: &mut ChartContext<'_, DB, CT>,
+    points: Vec<(f64, f64)>,
+    modes: &[&str],
+    mode: &str,
+) -> DrawResult {
+    let (line, variant) = style(modes, mode);
+    let radius = if variant { 2 } else { 4 };
+    let markers: Vec<_> = points
+        .iter()
+        .map(|&pt| Circle::new(pt, radius, line.filled()))
+        .collect();
+    chart
+        .draw_series(LineSeries::new(points, line))
+        .map_err(e)?;
+    chart.draw_series(markers).map_err(e)?;
+    Ok(())
+}
+
 fn e<E: std::fmt::Display>(x: E) -> String {
     x.to_string()
 }
@@ -206,25 +227,15 @@ fn latency_panel<DB: DrawingBackend>(
         let Some(r) = at.iter().find(|r| r.mode == *mode) else {
             continue;
         };
-        let (line, variant) = style(modes, mode);
         let dx = dodge(modes, mode);
-        let points: Vec<(f64, f64)> = r
+        let points = r
             .read_latency_percentiles_ms
             .iter()
             .enumerate()
             .filter(|(_, p)| p.ms > 0.0)
             .map(|(i, p)| (i as f64 + dx, p.ms))
             .collect();
-        chart
-            .draw_series(LineSeries::new(points.clone(), line))
-            .map_err(e)?;
-        chart
-            .draw_series(
-                points
-                    .iter()
-                    .map(|&pt| Circle::new(pt, if variant { 2 } else { 4 }, line.filled())),
-            )
-            .map_err(e)?;
+        mode_line(&mut chart, points, modes, mode)?;
     }
     Ok(())
 }
@@ -261,9 +272,8 @@ fn share_panel<DB: DrawingBackend>(
         .draw()
         .map_err(e)?;
     for mode in modes {
-        let (line, variant) = style(modes, mode);
         let dx = dodge(modes, mode);
-        let points: Vec<(f64, f64)> = delays
+        let points = delays
             .iter()
             .enumerate()
             .filter_map(|(i, d)| {
@@ -271,16 +281,7 @@ fn share_panel<DB: DrawingBackend>(
                 Some((i as f64 + dx, r.replica_share))
             })
             .collect();
-        chart
-            .draw_series(LineSeries::new(points.clone(), line))
-            .map_err(e)?;
-        chart
-            .draw_series(
-                points
-                    .iter()
-                    .map(|&pt| Circle::new(pt, if variant { 2 } else { 4 }, line.filled())),
-            )
-            .map_err(e)?;
+        mode_line(&mut chart, points, modes, mode)?;
     }
     Ok(())
 }
