@@ -88,10 +88,7 @@ fn test() -> Result<(), Fail> {
     let started = Instant::now();
     let root = workspace_root();
 
-    step(
-        "prerequisites: PostgreSQL server binaries, redis-server, pgpool-II",
-        prereq::ensure,
-    )?;
+    prerequisites()?;
     step("cargo-deny: bans, licenses, sources", || {
         deny::ensure_installed()?;
         deny::check_bans_licenses_sources(&root)
@@ -161,10 +158,7 @@ fn test() -> Result<(), Fail> {
 
 /// `cargo xtask demo`: the guided tour, once the examples package exists.
 fn demo() -> Result<(), Fail> {
-    step(
-        "prerequisites: PostgreSQL server binaries, redis-server, pgpool-II",
-        prereq::ensure,
-    )?;
+    prerequisites()?;
     let root = workspace_root();
     if !util::has_package(&root, EXAMPLES_PACKAGE)? {
         println!(
@@ -202,10 +196,7 @@ fn release_bin(root: &std::path::Path, bin: &str, args: &[String]) -> Result<(),
 
 /// `cargo xtask chaos [ARGS]`: pass-through to the chaos binary (release build).
 fn chaos(args: &[String]) -> Result<(), Fail> {
-    step(
-        "prerequisites: PostgreSQL server binaries, redis-server, pgpool-II",
-        prereq::ensure,
-    )?;
+    prerequisites()?;
     let root = workspace_root();
     if !util::has_package(&root, EXAMPLES_PACKAGE)? {
         return Err(Fail(format!(
@@ -218,12 +209,16 @@ fn chaos(args: &[String]) -> Result<(), Fail> {
 /// `cargo xtask bench [--quick] [--json FILE]`: pass-through to the benchmark (release build):
 /// every section of issue #15 in one run, one JSON, one report, one chart.
 fn bench(args: &[String]) -> Result<(), Fail> {
+    prerequisites()?;
+    release_bin(&workspace_root(), "bench", args)
+}
+
+/// The servers the test suite, chaos and bench start: PostgreSQL, Redis and pgpool-II.
+fn prerequisites() -> Result<(), Fail> {
     step(
         "prerequisites: PostgreSQL server binaries, redis-server, pgpool-II",
         prereq::ensure,
-    )?;
-    let root = workspace_root();
-    release_bin(&root, "bench", args)
+    )
 }
 
 /// `cargo xtask ha [ARGS]`: the HA workload (release build), then the leftover check.
