@@ -52,19 +52,15 @@ fn quick_bench_writes_every_field() {
     }
     for r in overhead {
         assert!(r["mode"].is_string());
-        for k in ["p50_ratio", "p99_ratio", "throughput_ratio"] {
-            assert!(num(r, k) > 0.0, "{k} in {r}");
-        }
-        // The two hand-rolled pools, measured in the same rounds: absolute figures, against the
-        // raw pool, and the router against them.
+        // The router against the raw pool; the two hand-rolled pools, measured in the same
+        // rounds: absolute figures, against the raw pool, and the router against them.
         for k in [
+            "p50_ratio",
+            "p99_ratio",
+            "throughput_ratio",
             "two_pools_p50_us",
             "two_pools_p99_us",
             "two_pools_throughput",
-        ] {
-            assert!(num(r, k) > 0.0, "{k} in {r}");
-        }
-        for k in [
             "two_pools_p50_ratio",
             "two_pools_p99_ratio",
             "two_pools_throughput_ratio",
