@@ -499,9 +499,9 @@ async fn only_sessions_that_were_used_are_reset() {
 }
 
 /// A probe whose connection is held (a proxy keeping it in connect retries while its backend
-/// has no live server, modelled by a checkout that never completes) is abandoned and made
-/// again: once the node answers, the monitor sees it within a fraction of the probe timeout,
-/// not after waiting the held attempt out.
+/// has no live server, modelled by a checkout that never completes) does not wait on it: a
+/// fresh attempt started beside it reaches the node once it answers, so the monitor sees the
+/// node within a fraction of the probe timeout, not after waiting the held attempt out.
 #[tokio::test]
 async fn a_held_probe_connection_is_made_again() {
     let world = World::new(1);
