@@ -240,7 +240,7 @@ pub fn router_config() -> RouterConfig {
 
 /// [`router_config`] for `config`. Behind HAProxy, the probe gives up after 300 ms: a
 /// connection that reaches HAProxy while its writer backend has no live server is held in
-/// connect retries for seconds and never handed to the server that comes up meanwhile, so a
+/// connect retries for seconds and reaches the server that comes up meanwhile late, if at all, so a
 /// probe that waits out the default second notices the new primary up to a second late.
 pub fn router_config_for(config: Config) -> RouterConfig {
     let mut c = router_config();

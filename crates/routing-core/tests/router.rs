@@ -537,7 +537,7 @@ async fn a_held_probe_connection_is_made_again() {
 }
 
 /// A write waiting for a writer whose connections are held (a proxy with no live server behind
-/// it: a connection that arrives meanwhile is never handed to the server that comes up) is
+/// it: a connection that arrives meanwhile reaches the server that comes up late, if at all) is
 /// served about a connect step (a sixteenth of the probe timeout) after the node answers
 /// again, not when the attempt the probe was waiting on gives up (up to half the probe timeout
 /// later) nor at the next scheduled probe.

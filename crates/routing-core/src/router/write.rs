@@ -91,8 +91,8 @@ impl<B: Backend> Inner<B> {
                 // A checkout on a writer that stopped answering (blackholed, not refusing) can
                 // take the pool's whole connect timeout. Give up on it as soon as the monitor
                 // elects another writer, or sees another server behind the same node (a stable
-                // endpoint: a connection held by a proxy with no live server is never handed
-                // to the new one, and a session made under the old generation would be
+                // endpoint: a connection held by a proxy with no live server reaches the new one
+                // late if at all, and a session made under the old generation would be
                 // discarded anyway), so writes follow a failover at once.
                 let outcome = loop {
                     tokio::select! {
