@@ -23,10 +23,12 @@
 
 pub use routing_core::*;
 
-/// The sqlx backend: a [`Router`] over sqlx `PgPool`s.
+/// The sqlx backend: a [`Router`] over pools of sqlx `PgConnection`s.
 #[cfg(feature = "sqlx")]
 pub mod sqlx {
-    pub use routing_sqlx::{DbError, NodePool, SqlxBackend, backend_error, classify, sqlstate};
+    pub use routing_sqlx::{
+        DbError, NodePool, PooledConn, SqlxBackend, backend_error, classify, sqlstate,
+    };
 
     /// The sqlx this backend is built on.
     pub use routing_sqlx::sqlx;

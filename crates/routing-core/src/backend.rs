@@ -234,7 +234,6 @@ pub struct Epoch(Arc<EpochInner>);
 struct EpochInner {
     generation: AtomicU64,
     origin: Instant,
-    bumped_at_nanos: AtomicU64,
     /// When (nanos since `origin`) a node last failed a probe or a request, or the topology
     /// changed: sessions idle since before then are checked at their next checkout.
     trouble_at_nanos: AtomicU64,
@@ -248,7 +247,6 @@ impl Default for Epoch {
         Epoch(Arc::new(EpochInner {
             generation: AtomicU64::new(1),
             origin: Instant::now(),
-            bumped_at_nanos: AtomicU64::new(0),
             trouble_at_nanos: AtomicU64::new(0),
             writer_timeline: AtomicU64::new(0),
             writer_system_id: AtomicU64::new(0),
@@ -265,14 +263,6 @@ impl Epoch {
     /// May a connection stamped with `generation` be handed out?
     pub fn admits(&self, generation: u64) -> bool {
         generation == self.generation()
-    }
-
-    /// For drivers that cannot stamp connections but know their age: may a connection of this
-    /// age be handed out (was it made after the last bump)?
-    pub fn admits_age(&self, age: Duration) -> bool {
-        let bumped = Duration::from_nanos(self.0.bumped_at_nanos.load(Ordering::Acquire));
-        let since_bump = self.0.origin.elapsed().saturating_sub(bumped);
-        age < since_bump
     }
 
     /// Does a pooled session idle for `idle_for` need [`Access::check_sql`] at checkout? Only
@@ -319,8 +309,6 @@ impl Epoch {
     }
 
     pub(crate) fn bump(&self) -> u64 {
-        let nanos = u64::try_from(self.0.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.0.bumped_at_nanos.store(nanos, Ordering::Release);
         self.0.generation.fetch_add(1, Ordering::AcqRel) + 1
     }
 }

@@ -1,11 +1,19 @@
-//! [`SqlxBackend`]: one [`PgPool`] per node and access mode.
+//! [`SqlxBackend`]: one bb8 pool of sqlx [`PgConnection`]s per node and access mode.
+//!
+//! Not sqlx's own `PgPool`: it pings every connection as it comes back (a round trip and a task
+//! per request), which the router's reset already does and proves (see ARCHITECTURE.md, "The
+//! hot path"), and it cannot stamp a connection with the topology generation it was made under.
 
+use std::fmt;
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use bb8::ManageConnection;
+use routing_core::PoolSettings;
 use routing_core::{Access, Backend, BackendError, Epoch, ErrorKind, NodeConfig, PoolSpec};
-use sqlx::pool::{PoolConnection, PoolConnectionMetadata};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Row};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 use tokio::sync::watch;
 
 use crate::errors::{backend_error, backend_error_at};
@@ -13,14 +21,14 @@ use crate::options;
 
 type Configure = dyn Fn(&NodeConfig, Access, PgConnectOptions) -> PgConnectOptions + Send + Sync;
 
-/// The sqlx adapter: builds one lazily connecting [`PgPool`] per node and [`Access`] mode.
+/// The sqlx adapter: builds one lazily connecting pool per node and [`Access`] mode.
 #[derive(Clone, Default)]
 pub struct SqlxBackend {
     configure: Option<Arc<Configure>>,
 }
 
-impl std::fmt::Debug for SqlxBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for SqlxBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqlxBackend")
             .field("configure", &self.configure.is_some())
             .finish()
@@ -46,91 +54,249 @@ impl SqlxBackend {
 }
 
 /// One node's pool for one [`Access`] mode.
-#[derive(Debug)]
 pub struct NodePool {
-    pool: PgPool,
-    node: Arc<str>,
-    access: Access,
-    /// Bumped each time a writer connection is refused because its node is in recovery, so a
-    /// waiting checkout fails at once instead of retrying until the pool's timeout.
-    refusals: Arc<watch::Sender<u64>>,
+    pool: bb8::Pool<Manager>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for NodePool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.pool.state();
+        f.debug_struct("NodePool")
+            .field("node", &self.shared.node)
+            .field("access", &self.shared.access)
+            .field("connections", &state.connections)
+            .field("idle", &state.idle_connections)
+            .finish()
+    }
 }
 
 impl NodePool {
-    /// The sqlx pool (for metrics such as `size()` and `num_idle()`).
-    pub fn pg_pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// The node's name.
     pub fn node(&self) -> &str {
-        &self.node
+        &self.shared.node
     }
 
     /// What the pool's sessions are for.
     pub fn access(&self) -> Access {
-        self.access
+        self.shared.access
     }
 
-    async fn acquire(&self) -> Result<PoolConnection<Postgres>, BackendError> {
-        let mut not_writer_seen = self.refusals.subscribe();
-        let acquired = tokio::select! {
-            biased;
-            acquired = self.pool.acquire() => acquired,
-            // Only writer pools ever send: their connect check found the node in recovery.
-            _ = not_writer_seen.changed() => return Err(not_writer(&self.node)),
-            // A node refusing connections (which sqlx would retry until the timeout) is
-            // routing-core's check, the same for every backend.
-        };
-        acquired.map_err(|e| match e {
-            sqlx::Error::PoolTimedOut => {
-                let waited = self.pool.options().get_acquire_timeout();
-                if self.is_exhausted() {
-                    BackendError::new(
-                        ErrorKind::PoolBusy,
-                        format!(
-                            "no free {:?} session to {} within {waited:?}: all {} in use",
-                            self.access,
-                            self.node,
-                            self.pool.size()
-                        ),
-                    )
-                } else {
-                    BackendError::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "could not connect a {:?} session to {} within {waited:?}",
-                            self.access, self.node
-                        ),
-                    )
-                }
-                .with_source(e)
+    /// bb8's view: open and idle connections.
+    pub fn state(&self) -> bb8::State {
+        self.pool.state()
+    }
+}
+
+/// A session checked out of a [`NodePool`]; dereferences to [`PgConnection`] and goes back to
+/// its pool when dropped.
+pub struct PooledConn {
+    inner: bb8::PooledConnection<'static, Manager>,
+}
+
+impl PooledConn {
+    /// The topology generation this session was made under.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation
+    }
+
+    /// How long ago the session was opened.
+    pub fn age(&self) -> Duration {
+        self.inner.born.elapsed()
+    }
+
+    /// Runs one of the adapter's own statements. Dropped before it finished (a timeout, a
+    /// cancelled request), or failed at the transport, the session is discarded when it
+    /// returns: sqlx would otherwise hand the next holder a connection with an answer still on
+    /// the way, or a dead one (sqlx tells neither, and the monitor's probes return sessions
+    /// without a reset).
+    async fn run<T>(
+        &mut self,
+        op: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let c = &mut *self.inner;
+        c.suspect = true;
+        let out = op(&mut c.conn).await;
+        c.suspect = matches!(&out, Err(e) if crate::errors::classify(e) == ErrorKind::Connection);
+        out
+    }
+}
+
+impl Deref for PooledConn {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.inner.conn
+    }
+}
+
+impl DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.inner.conn
+    }
+}
+
+impl fmt::Debug for PooledConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PooledConn")
+            .field("generation", &self.inner.generation)
+            .field("age", &self.inner.born.elapsed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A pooled session with what the checkout checks need.
+struct Conn {
+    conn: PgConnection,
+    generation: u64,
+    born: Instant,
+    /// When the session last went back to the pool (bb8 asks `has_broken` then).
+    idle_since: Instant,
+    /// Set by [`Backend::discard`]: closed when returned, never reused.
+    discarded: bool,
+    /// One of the adapter's statements is in flight or lost its connection (see
+    /// [`PooledConn::run`]).
+    suspect: bool,
+}
+
+/// A connect failure, kept so checkouts waiting on the pool fail at once with the cause instead
+/// of waiting for bb8's timeout (bb8 only hands connect errors to its error sink).
+#[derive(Clone)]
+struct Failure {
+    kind: ErrorKind,
+    sqlstate: Option<String>,
+    message: String,
+}
+
+impl Failure {
+    fn of(e: &BackendError) -> Self {
+        Failure {
+            kind: e.kind,
+            sqlstate: e.sqlstate.clone(),
+            message: e.message.clone(),
+        }
+    }
+
+    fn to_error(&self) -> BackendError {
+        let mut e = BackendError::new(self.kind, &self.message);
+        e.sqlstate = self.sqlstate.clone();
+        e
+    }
+}
+
+/// What the pool and its manager share.
+struct Shared {
+    node: Arc<str>,
+    access: Access,
+    /// `pg-1 (ReadOnly)`: the prefix of every error message.
+    label: String,
+    epoch: Epoch,
+    settings: PoolSettings,
+    failures: watch::Sender<Option<Failure>>,
+}
+
+impl Shared {
+    fn err(&self, kind: ErrorKind, what: impl fmt::Display) -> BackendError {
+        BackendError::new(kind, format!("{}: {what}", self.label))
+    }
+}
+
+/// bb8 manager: sqlx's connect, the generation stamp, the connect-time check (a writer session
+/// on a node in recovery is refused) and the checkout checks.
+struct Manager {
+    opts: PgConnectOptions,
+    shared: Arc<Shared>,
+}
+
+impl Manager {
+    async fn try_connect(&self) -> Result<PgConnection, BackendError> {
+        let s = &self.shared;
+        let limit = s.settings.connect_timeout;
+        let mut conn = tokio::time::timeout(limit, PgConnection::connect_with(&self.opts))
+            .await
+            .map_err(|_| {
+                s.err(
+                    ErrorKind::Connection,
+                    format_args!("could not connect within {limit:?}"),
+                )
+            })?
+            .map_err(|e| backend_error_at(&s.label, e))?;
+        if s.access.checks_at_connect() {
+            session_check(&s.label, s.access, &s.epoch, &mut conn).await?;
+        }
+        Ok(conn)
+    }
+}
+
+impl ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = BackendError;
+
+    async fn connect(&self) -> Result<Conn, BackendError> {
+        let s = &self.shared;
+        // Stamp with the generation from before connecting: if roles change while we connect,
+        // the session is refused at checkout and made again under the new generation.
+        let generation = s.epoch.generation();
+        match self.try_connect().await {
+            Ok(conn) => Ok(Conn {
+                conn,
+                generation,
+                born: Instant::now(),
+                idle_since: Instant::now(),
+                discarded: false,
+                suspect: false,
+            }),
+            Err(e) => {
+                tracing::debug!(node = %s.node, access = ?s.access, error = %e, "connect failed");
+                s.failures.send_replace(Some(Failure::of(&e)));
+                Err(e)
             }
-            other => backend_error_at(&format!("{} ({:?})", self.node, self.access), other),
-        })
+        }
+    }
+
+    async fn is_valid(&self, c: &mut Conn) -> Result<(), BackendError> {
+        let s = &self.shared;
+        if !s.epoch.admits(c.generation) {
+            return Err(s.err(
+                ErrorKind::Connection,
+                format_args!(
+                    "session from topology generation {} refused (now {})",
+                    c.generation,
+                    s.epoch.generation()
+                ),
+            ));
+        }
+        // bb8's reaper enforces these only once per period: an idle session can outlive them.
+        if s.settings
+            .is_expired(c.born.elapsed(), c.idle_since.elapsed())
+        {
+            return Err(s.err(
+                ErrorKind::Connection,
+                "session past max_lifetime or idle_timeout",
+            ));
+        }
+        // A recently used read session came back through a reset that succeeded (or
+        // untouched): known good, no round trip. Writer sessions and idle ones are checked.
+        if !s
+            .epoch
+            .needs_check(&s.settings, s.access, c.idle_since.elapsed())
+        {
+            return Ok(());
+        }
+        session_check(&s.label, s.access, &s.epoch, &mut c.conn).await
+    }
+
+    fn has_broken(&self, c: &mut Conn) -> bool {
+        // bb8 asks on every return to the pool: the session's idle time starts now.
+        c.idle_since = Instant::now();
+        // A `sqlx::Transaction` leaked with `mem::forget` leaves sqlx counting it open.
+        c.discarded || c.suspect || c.conn.is_in_transaction()
     }
 }
 
-impl NodePool {
-    /// Was a timed-out wait one for a free session rather than for a connect? The pool is at its
-    /// size limit (idle sessions are not looked at: one released just as the wait ran out does
-    /// not make it a connect failure). sqlx counts connects in flight in `size()`, so a checkout
-    /// queued behind other checkouts' hanging connects can look exhausted too; the checkouts
-    /// that ran those connects time out as [`ErrorKind::Timeout`], and the monitor's probe
-    /// (its own pool) judges the node either way.
-    fn is_exhausted(&self) -> bool {
-        self.pool.size() >= self.pool.options().get_max_connections()
-    }
-}
-
-fn not_writer(node: &str) -> BackendError {
-    BackendError::new(
-        ErrorKind::NotWriter,
-        format!(
-            "node {node} is not the elected writer (in recovery, or a server on another \
-             timeline or cluster): it takes no writes"
-        ),
-    )
+/// Every connection the pool may open is open (in use when the wait ran out; one released
+/// just then does not make it a connect failure).
+fn is_exhausted(pool: &bb8::Pool<Manager>, s: &Shared) -> bool {
+    pool.state().connections >= s.settings.max_size.max(1)
 }
 
 /// One of the router's constant queries that run on request paths.
@@ -145,23 +311,44 @@ fn is_router_statement(text: &str) -> bool {
     .contains(&text)
 }
 
-/// Runs the access's check query; the inner result is routing-core's verdict on the answer
-/// (`Err(NotWriter)` for a writer session on a node in recovery).
+/// Runs `sql` (one text column named `v`) and returns the first row's value. The router's own
+/// statements run as prepared statements sqlx caches: one round trip without parsing and
+/// planning the text again each time. Any other SQL stays a simple query (caching arbitrary
+/// texts would churn the statement cache).
+async fn text_query(conn: &mut PgConnection, sql: &str) -> Result<Option<String>, sqlx::Error> {
+    let row = if is_router_statement(sql) {
+        sqlx::query(AssertSqlSafe(sql)).fetch_optional(conn).await
+    } else {
+        sqlx::raw_sql(AssertSqlSafe(sql)).fetch_optional(conn).await
+    }?;
+    match row {
+        Some(row) => row.try_get::<Option<String>, _>("v"),
+        None => Ok(None),
+    }
+}
+
+/// Runs the access's check query and applies routing-core's verdict (a writer session on a node
+/// in recovery is refused with `NotWriter`, a reader session that is not read-only with `Config`).
 async fn session_check(
-    conn: &mut PgConnection,
+    label: &str,
     access: Access,
     epoch: &Epoch,
-) -> Result<Result<(), (ErrorKind, String)>, sqlx::Error> {
-    let row = sqlx::raw_sql(access.check_sql()).fetch_one(conn).await?;
-    let answer = row.try_get::<Option<String>, _>("v")?;
-    Ok(access
+    conn: &mut PgConnection,
+) -> Result<(), BackendError> {
+    let answer = text_query(conn, access.check_sql())
+        .await
+        .map_err(|e| backend_error_at(label, e))?;
+    access
         .judge_check(answer.as_deref(), epoch)
-        .map_err(|kind| (kind, access.check_failure(answer.as_deref()))))
+        .map_err(|kind| {
+            let why = access.check_failure(answer.as_deref());
+            BackendError::new(kind, format!("{label}: {why}"))
+        })
 }
 
 impl Backend for SqlxBackend {
     type Pool = NodePool;
-    type Pooled = PoolConnection<Postgres>;
+    type Pooled = PooledConn;
     type Connection = PgConnection;
     type QueryError = sqlx::Error;
 
@@ -172,134 +359,118 @@ impl Backend for SqlxBackend {
                 "sqlx pools must be built inside a tokio runtime",
             ));
         }
-        let (node, access, settings, epoch) = (spec.node, spec.access, spec.settings, spec.epoch);
+        let PoolSpec {
+            node,
+            access,
+            settings,
+            epoch,
+        } = spec;
         let mut opts = options::parse(&node)?;
         if let Some(f) = &self.configure {
             opts = f(&node, access, opts);
         }
         let opts = options::for_access(opts, access, &settings);
-        let refusals = Arc::new(watch::Sender::new(0u64));
-        let connect_epoch = epoch.clone();
-
-        let mut pool = PgPoolOptions::new()
-            .max_connections(settings.max_size)
-            .min_connections(0)
-            .acquire_timeout(settings.connect_timeout)
-            .max_lifetime(settings.max_lifetime)
-            .idle_timeout(settings.idle_timeout)
-            // `before_acquire` checks an idle session; sqlx's own ping would be a second round
-            // trip (and one on every checkout).
-            .test_before_acquire(false)
-            .before_acquire(move |conn, meta: PoolConnectionMetadata| {
-                let epoch = epoch.clone();
-                Box::pin(async move {
-                    // sqlx cannot stamp a connection, but knows its age: one older than the last
-                    // topology change is closed, never handed out.
-                    if !epoch.admits_age(meta.age) {
-                        return Ok(false);
-                    }
-                    // sqlx enforces these only on release and in a reaper task that runs once
-                    // per period, so an idle connection can outlive them by up to a period.
-                    if settings.is_expired(meta.age, meta.idle_for) {
-                        return Ok(false);
-                    }
-                    // A recently used read session came back through a reset that succeeded
-                    // (or untouched): known good, no round trip. Writer sessions and idle ones
-                    // are checked.
-                    if !epoch.needs_check(&settings, access, meta.idle_for) {
-                        return Ok(true);
-                    }
-                    Ok(session_check(conn, access, &epoch).await?.is_ok())
-                })
-            });
-        if access.checks_at_connect() {
-            let refusals = refusals.clone();
-            let name: Arc<str> = Arc::from(node.name.as_str());
-            pool = pool.after_connect(move |conn, _meta| {
-                let refusals = refusals.clone();
-                let name = name.clone();
-                let epoch = connect_epoch.clone();
-                Box::pin(async move {
-                    match session_check(conn, access, &epoch).await? {
-                        Ok(()) => Ok(()),
-                        Err((ErrorKind::NotWriter, why)) => {
-                            refusals.send_modify(|n| *n = n.wrapping_add(1));
-                            Err(sqlx::Error::Protocol(format!("node {name}: {why}")))
-                        }
-                        Err((_, why)) => Err(sqlx::Error::Configuration(
-                            format!("node {name}: {why}").into(),
-                        )),
-                    }
-                })
-            });
-        }
-        Ok(NodePool {
-            pool: pool.connect_lazy_with(opts),
+        let shared = Arc::new(Shared {
             node: Arc::from(node.name.as_str()),
             access,
-            refusals,
-        })
+            label: format!("{} ({access:?})", node.name),
+            epoch,
+            settings,
+            failures: watch::channel(None).0,
+        });
+        let manager = Manager {
+            opts,
+            shared: shared.clone(),
+        };
+        let pool = bb8::Pool::builder()
+            .max_size(settings.max_size.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(settings.connect_timeout)
+            .max_lifetime(settings.max_lifetime)
+            .idle_timeout(settings.idle_timeout)
+            // Always: the generation check runs at every checkout (no round trip); the check
+            // query only on a session that sat idle, or after trouble.
+            .test_on_check_out(true)
+            // The router decides what to do about a node that refuses connections.
+            .retry_connection(false)
+            .build_unchecked(manager);
+        Ok(NodePool { pool, shared })
     }
 
-    async fn checkout(pool: &NodePool) -> Result<PoolConnection<Postgres>, BackendError> {
-        pool.acquire().await
+    async fn checkout(pool: &NodePool) -> Result<PooledConn, BackendError> {
+        let s = &pool.shared;
+        let mut failures = s.failures.subscribe();
+        failures.mark_unchanged();
+        tokio::select! {
+            biased;
+            got = pool.pool.get_owned() => match got {
+                Ok(inner) => Ok(PooledConn { inner }),
+                Err(bb8::RunError::User(e)) => Err(e),
+                // bb8 counts only established connections (not connects in flight): all of
+                // them in use means the wait was for a free session, and the node answers.
+                Err(bb8::RunError::TimedOut) if is_exhausted(&pool.pool, s) => Err(s.err(
+                    ErrorKind::PoolBusy,
+                    format_args!(
+                        "no free session within {:?}: all {} in use",
+                        s.settings.connect_timeout,
+                        pool.pool.state().connections
+                    ),
+                )),
+                Err(bb8::RunError::TimedOut) => Err(s.err(
+                    ErrorKind::Timeout,
+                    format_args!("could not connect within {:?}", s.settings.connect_timeout),
+                )),
+            },
+            // A connect attempt failed while we waited (refused, in recovery for a writer,
+            // bad password): that is the answer; bb8 itself would only time out.
+            Ok(()) = failures.changed() => {
+                let failure = failures.borrow_and_update().clone();
+                Err(failure.map_or_else(
+                    || s.err(ErrorKind::Connection, "connect failed"),
+                    |f| f.to_error(),
+                ))
+            }
+        }
     }
 
     async fn query_text<'a>(
-        pooled: &'a mut PoolConnection<Postgres>,
+        pooled: &'a mut PooledConn,
         sql: &'a str,
     ) -> Result<Option<String>, BackendError> {
-        // The router's own statements (the commit and replay positions on request paths) run
-        // as prepared statements sqlx caches: one round trip without parsing and planning the
-        // text again each time. Any other SQL stays a simple query (caching arbitrary texts
-        // would churn the statement cache).
-        let row = if is_router_statement(sql) {
-            sqlx::query(AssertSqlSafe(sql))
-                .fetch_optional(&mut **pooled)
-                .await
-        } else {
-            sqlx::raw_sql(AssertSqlSafe(sql))
-                .fetch_optional(&mut **pooled)
-                .await
-        }
-        .map_err(backend_error)?;
-        match row {
-            Some(row) => row.try_get::<Option<String>, _>("v").map_err(backend_error),
-            None => Ok(None),
-        }
+        pooled
+            .run(async |conn| text_query(conn, sql).await)
+            .await
+            .map_err(backend_error)
     }
 
-    async fn execute<'a>(
-        pooled: &'a mut PoolConnection<Postgres>,
-        sql: &'a str,
-    ) -> Result<u64, BackendError> {
-        sqlx::raw_sql(AssertSqlSafe(sql))
-            .execute(&mut **pooled)
+    async fn execute<'a>(pooled: &'a mut PooledConn, sql: &'a str) -> Result<u64, BackendError> {
+        pooled
+            .run(async |conn| sqlx::raw_sql(AssertSqlSafe(sql)).execute(conn).await)
             .await
             .map(|done| done.rows_affected())
             .map_err(backend_error)
     }
 
     async fn execute_batch<'a>(
-        pooled: &'a mut PoolConnection<Postgres>,
+        pooled: &'a mut PooledConn,
         sql: &'a str,
     ) -> Result<(), BackendError> {
-        sqlx::raw_sql(AssertSqlSafe(sql))
-            .execute(&mut **pooled)
+        pooled
+            .run(async |conn| sqlx::raw_sql(AssertSqlSafe(sql)).execute(conn).await)
             .await
             .map(drop)
             .map_err(backend_error)
     }
 
-    fn discard(pooled: &mut PoolConnection<Postgres>) {
-        pooled.close_on_drop();
+    fn discard(pooled: &mut PooledConn) {
+        pooled.inner.discarded = true;
     }
 
     /// A `sqlx::Transaction` leaked without being dropped leaves sqlx counting it open; a
     /// server-side ROLLBACK would not tell sqlx, whose next `begin()` would then only open a
     /// savepoint.
-    fn reusable(pooled: &mut PoolConnection<Postgres>) -> bool {
-        !pooled.is_in_transaction()
+    fn reusable(pooled: &mut PooledConn) -> bool {
+        !pooled.inner.conn.is_in_transaction()
     }
 
     fn classify(err: &sqlx::Error) -> ErrorKind {
@@ -307,9 +478,10 @@ impl Backend for SqlxBackend {
     }
 
     fn pool_state(pool: &NodePool) -> Option<routing_core::PoolState> {
+        let state = pool.pool.state();
         Some(routing_core::PoolState {
-            connections: pool.pool.size(),
-            idle: u32::try_from(pool.pool.num_idle()).unwrap_or(u32::MAX),
+            connections: state.connections,
+            idle: state.idle_connections,
         })
     }
 
@@ -319,7 +491,7 @@ impl Backend for SqlxBackend {
 
     /// One round trip: `raw_sql` sends both statements as one simple-protocol query.
     async fn commit_returning_lsn(
-        pooled: &mut PoolConnection<Postgres>,
+        pooled: &mut PooledConn,
     ) -> Result<Option<routing_core::Lsn>, BackendError> {
         routing_core::parse_lsn(Self::query_text(pooled, routing_core::sql::COMMIT_THEN_LSN).await?)
     }

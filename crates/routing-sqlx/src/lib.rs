@@ -1,7 +1,7 @@
 //! # routing-sqlx
 //!
-//! The [sqlx](https://docs.rs/sqlx) backend for [`routing_core`]: one [`sqlx::PgPool`] per node
-//! and access mode, and nothing else. Every routing decision (writer election, replica choice,
+//! The [sqlx](https://docs.rs/sqlx) backend for [`routing_core`]: one pool of
+//! [`sqlx::PgConnection`]s per node and access mode, and nothing else. Every routing decision (writer election, replica choice,
 //! read-your-writes, failover, bans) lives in `routing-core`; this crate only teaches it how to
 //! pool, check out and query a sqlx connection. One dependency is enough: the core's types,
 //! [`sqlx`] itself, and aliases such as [`Router`] are re-exported here.
@@ -90,6 +90,12 @@
 //!
 //! ## What the pools do
 //!
+//! The pools are [bb8](https://docs.rs/bb8) pools of sqlx connections, not sqlx's `PgPool`: that
+//! one pings every connection as it comes back (a round trip and a spawned task per request,
+//! which the router's reset below already does and proves) and cannot stamp a connection with
+//! the topology it was made under. A guard dereferences to [`sqlx::PgConnection`], so
+//! `&mut *guard` is an executor as with a `PgPool`.
+//!
 //! - **Reader and probe sessions are read-only at the server**: `default_transaction_read_only`
 //!   is sent in the startup packet (so `RESET ALL` restores it), verified when the session
 //!   connects, so a write through a read guard fails with SQLSTATE 25006, which
@@ -99,19 +105,18 @@
 //! - **A returned session is reset before reuse** (by routing-core's session guard: any open
 //!   transaction rolled back, role and settings restored, read-only re-asserted), or closed. A
 //!   `sqlx::Transaction` leaked with `mem::forget` makes sqlx believe a transaction is still open,
-//!   so such a session is closed rather than reset.
-//! - **Writer sessions are verified at connect** (`after_connect`): a node in recovery is refused
-//!   and the checkout fails at once with [`ErrorKind::NotWriter`] instead of waiting out the
+//!   so such a session is closed rather than reset; so is one whose router statement (a probe, a
+//!   commit position) was cancelled halfway or lost its connection.
+//! - **Writer sessions are verified at connect**: a node in recovery is refused, and every
+//!   checkout waiting on that pool fails at once with [`ErrorKind::NotWriter`] (any connect
+//!   failure is handed to the waiting checkouts the same way) instead of waiting out the
 //!   pool timeout.
-//! - **At checkout** (`before_acquire`) a pooled connection made before the last topology change
-//!   is closed (sqlx connections cannot be stamped, so their age is compared with the time of the
-//!   last [`Epoch`] bump), then, with `pre_ping`, readers are pinged and writers re-checked.
-//! - **A node that refuses connections fails the checkout at once** ([`ErrorKind::Connection`]):
-//!   sqlx itself retries a refused connect until the pool's timeout (it assumes a server that is
-//!   starting up). routing-core's checkout, the same for every backend, asks the node directly
-//!   (a plain TCP connect) once a checkout has waited 20 ms, at most once per node every 100 ms.
-//! - `max_lifetime`, `idle_timeout`, `max_size` and `connect_timeout` (sqlx's `acquire_timeout`)
-//!   come from [`PoolSettings`]; pools connect lazily, so nodes may be down at startup.
+//! - **At checkout** a session made under an older topology generation (each is stamped when it
+//!   is made) is closed without a round trip; with `pre_ping`, writer sessions are re-checked,
+//!   and read sessions that sat idle (or since trouble the router saw) too.
+//! - `max_lifetime`, `idle_timeout`, `max_size` and `connect_timeout` come from
+//!   [`PoolSettings`]; pools connect lazily, so nodes may be down at startup, and a refused
+//!   connect is not retried inside the pool (the router bans the node and goes elsewhere).
 //!
 //! ## Limits of sqlx, and what this crate does about them
 //!
@@ -122,15 +127,13 @@
 //!   job on every connection instead.
 //! - sqlx has no `pg_lsn` type: the core reads LSNs as text and parses them into [`Lsn`].
 //! - Only URLs are accepted (`postgres://...`), not `key=value` conninfo strings.
-//! - sqlx logs a refused writer connection (`error returned from after_connect`) at error level
-//!   before the checkout reports [`ErrorKind::NotWriter`].
 
 mod backend;
 mod db_error;
 mod errors;
 mod options;
 
-pub use backend::{NodePool, SqlxBackend};
+pub use backend::{NodePool, PooledConn, SqlxBackend};
 pub use db_error::DbError;
 pub use errors::{backend_error, classify, sqlstate};
 
