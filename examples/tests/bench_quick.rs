@@ -75,6 +75,41 @@ fn quick_bench_writes_every_field() {
         assert!(marks <= 1.01, "marks round trips {marks} in {r}");
     }
 
+    // Round trips are counted, not timed: a routed read makes no more than the plain pool's
+    // (sqlx: query and reset against ping, query and release ping; diesel: the same four). An
+    // adapter that pinged twice (the driver's ping beside the router's reset) shows here.
+    let breakdown = doc["breakdown"].as_array().expect("breakdown");
+    for backend in ["sqlx", "diesel"] {
+        let trips = |side: &str, mode: &str| {
+            breakdown
+                .iter()
+                .find(|r| {
+                    r["backend"] == backend
+                        && r["path"] == "read"
+                        && r["side"] == side
+                        && r["mode"] == mode
+                })
+                .map(|r| {
+                    num(r, "replica_round_trips_per_request")
+                        + num(r, "primary_round_trips_per_request")
+                })
+                .unwrap_or_else(|| panic!("no {backend} {side} {mode} read breakdown"))
+        };
+        for mode in ["Eventual", "Causal", "ReadYourWrites/memory"] {
+            let (routed, raw) = (trips("candidate", mode), trips("baseline", mode));
+            assert!(
+                routed <= raw + 0.25,
+                "{backend} {mode}: {routed} round trips per routed read, {raw} raw"
+            );
+            if backend == "sqlx" {
+                assert!(
+                    routed < raw - 0.5,
+                    "sqlx {mode}: {routed} vs {raw}: a second ping?"
+                );
+            }
+        }
+    }
+
     let offload = doc["offload"].as_array().expect("offload");
     assert!(!offload.is_empty());
     for r in offload {

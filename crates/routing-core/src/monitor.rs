@@ -132,7 +132,8 @@ where
 /// not the remaining life of whichever attempt was waiting (abandoning an attempt for the next
 /// one, with a limit that doubled so a slow connect still gets through, left up to half the
 /// probe timeout between the switch and a fresh attempt). The same holds for a server that is
-/// starting up, which sqlx retries inside one attempt with a growing backoff. Attempts still in
+/// starting up, which a pool may retry inside one attempt (sqlx's `PgPool` did, with a growing
+/// backoff; the adapters' bb8 pools do not). Attempts still in
 /// flight when the probe timed out are kept for the next probe (a held connection that the
 /// proxy hands on just as the timeout strikes is then used, not thrown away and made again);
 /// one older than [`CONNECT_ATTEMPTS`] steps is dropped then. An answering node costs one

@@ -1,8 +1,9 @@
 //! One policy for every backend: a node that refuses connections fails a checkout at once.
 //!
-//! Drivers differ here: sqlx retries a refused connect until the pool's timeout (it assumes a
-//! server still starting up), bb8 hides connect errors from the waiting checkout. Either way a
-//! request to a dead replica would wait out `connect_timeout`. So a checkout still waiting after
+//! Pools differ here: sqlx's `PgPool` retries a refused connect until the pool's timeout (it
+//! assumes a server still starting up), bb8 hides connect errors from the waiting checkout
+//! (both adapters hand them over themselves, but an adapter need not). Either way a request to
+//! a dead replica could wait out `connect_timeout`. So a checkout still waiting after
 //! a moment asks the node directly, with a plain TCP connect, whether it refuses connections (at
 //! most once per [`CHECK_EVERY`] per node, shared by all of the node's pools).
 

@@ -468,3 +468,48 @@ async fn query_errors_fit_the_question_mark_and_keep_the_driver_error() {
         assert_eq!(e.class(), ErrorClass::MisroutedWrite);
     }
 }
+
+/// The adapter's own statement (a probe, a commit position) cancelled halfway leaves an answer
+/// on the way: that session is closed when it returns, not handed to the next holder, while one
+/// whose statement finished goes back as it is. (sqlx's `PgPool` used to ping every returned
+/// session, which covered this; the adapter's bb8 pool does not ping.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_with_a_cancelled_router_statement_is_not_reused() {
+    let c = routing_testkit::shared();
+    let pool = SqlxBackend::new()
+        .build_pool(spec(c.writer_url(0), Access::Probe))
+        .unwrap();
+    let pid = |answer: Option<String>| answer.expect("a pid").parse::<i32>().expect("a number");
+    let pid_sql = "SELECT pg_catalog.pg_backend_pid()::pg_catalog.text AS v";
+
+    let mut s = SqlxBackend::checkout(&pool).await.unwrap();
+    let first = pid(SqlxBackend::query_text(&mut s, pid_sql).await.unwrap());
+    drop(s);
+    let mut s = SqlxBackend::checkout(&pool).await.unwrap();
+    let again = pid(SqlxBackend::query_text(&mut s, pid_sql).await.unwrap());
+    assert_eq!(again, first, "a session whose statement finished is reused");
+
+    let slow = SqlxBackend::query_text(
+        &mut s,
+        "SELECT pg_catalog.pg_sleep(0.5)::pg_catalog.text AS v",
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), slow)
+            .await
+            .is_err(),
+        "the sleep was cut short"
+    );
+    drop(s);
+    let mut s = SqlxBackend::checkout(&pool).await.unwrap();
+    let t = Instant::now();
+    let next = pid(SqlxBackend::query_text(&mut s, pid_sql).await.unwrap());
+    assert_ne!(
+        next, first,
+        "the session with a cancelled statement was handed out again"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "the next holder waited {:?} for the cancelled statement's answer",
+        t.elapsed()
+    );
+}
