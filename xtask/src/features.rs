@@ -5,10 +5,11 @@ use std::process::Stdio;
 
 use crate::util::{Fail, cargo, run};
 
-/// Each feature of `pg-routing`, the crates it brings, and the crates it must not bring.
+/// Each feature of `pg-routing`, the crates it brings, and the crates it must not bring. (bb8
+/// is not listed: both backends pool with it.)
 const FEATURES: &[(&str, &[&str])] = &[
     ("sqlx", &["routing-sqlx", "sqlx-postgres"]),
-    ("diesel", &["routing-diesel", "diesel-async", "bb8"]),
+    ("diesel", &["routing-diesel", "diesel-async", "diesel"]),
     ("redis", &["routing-redis", "redis"]),
     ("axum", &["routing-axum", "axum"]),
     ("patroni", &["serde_json"]),
