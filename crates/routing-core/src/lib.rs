@@ -27,6 +27,8 @@ mod monitor;
 #[cfg(feature = "patroni")]
 pub mod patroni;
 mod policy;
+#[cfg(feature = "bb8")]
+pub mod pool;
 mod probe;
 mod refusal;
 mod router;

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bb8::ManageConnection;
 use diesel::OptionalExtension;
@@ -13,10 +13,8 @@ use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, PoolError, PoolableConnection,
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use routing_core::{
-    Access, Backend, BackendError, Epoch, ErrorKind, Lsn, PoolSettings, PoolSpec, sql,
-};
-use tokio::sync::watch;
+use routing_core::pool::{Checkout, Driver, StampedPool};
+use routing_core::{Access, Backend, BackendError, Epoch, ErrorKind, Lsn, PoolSpec, sql};
 use tokio_postgres::config::TargetSessionAttrs;
 
 use crate::error;
@@ -42,56 +40,88 @@ impl DieselBackend {
     }
 }
 
-/// One node's pool for one [`Access`].
-pub struct DieselPool {
-    pool: bb8::Pool<Manager>,
-    shared: Arc<Shared>,
+/// One node's pool for one [`Access`] (routing-core's [`StampedPool`] over diesel-async).
+pub type DieselPool = StampedPool<DieselDriver>;
+
+/// How routing-core's pool connects and checks diesel-async sessions: diesel-async's manager
+/// connects (through [`establish`]), and knows a closed socket or an open diesel transaction
+/// without a round trip.
+pub struct DieselDriver {
+    inner: AsyncDieselConnectionManager<AsyncPgConnection>,
+    access: Access,
+    epoch: Epoch,
+    /// `pg-1 reader`: the prefix of every error message.
+    label: Arc<str>,
 }
 
-impl fmt::Debug for DieselPool {
+impl fmt::Debug for DieselDriver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = self.pool.state();
-        f.debug_struct("DieselPool")
-            .field("node", &self.shared.node)
-            .field("access", &self.shared.access)
-            .field("connections", &state.connections)
-            .field("idle", &state.idle_connections)
-            .finish()
+        f.debug_struct("DieselDriver")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
     }
 }
 
-impl DieselPool {
-    /// The node this pool connects to.
-    pub fn node_name(&self) -> &str {
-        &self.shared.node
+/// A diesel-async connection with the label its errors carry.
+pub struct DieselConn {
+    conn: AsyncPgConnection,
+    label: Arc<str>,
+}
+
+impl fmt::Debug for DieselConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DieselConn")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Driver for DieselDriver {
+    type Conn = DieselConn;
+
+    async fn connect(&self) -> Result<DieselConn, BackendError> {
+        let conn = match self.inner.connect().await {
+            Ok(conn) => conn,
+            Err(PoolError::ConnectionError(e)) => {
+                return Err(error::from_connection_error(&self.label, e));
+            }
+            Err(PoolError::QueryError(e)) => return Err(error::query_error(&self.label, e)),
+        };
+        Ok(DieselConn {
+            conn,
+            label: self.label.clone(),
+        })
     }
 
-    /// What the pool's sessions are for.
-    pub fn access(&self) -> Access {
-        self.shared.access
+    async fn check<'a>(&'a self, c: &'a mut DieselConn) -> Result<(), BackendError> {
+        session_check(&self.label, self.access, &self.epoch, &mut c.conn).await
     }
 
-    /// bb8's view: open and idle connections.
-    pub fn state(&self) -> bb8::State {
-        self.pool.state()
+    /// diesel-async: the socket closed, or a diesel-managed transaction was left open/failed.
+    fn has_broken(&self, c: &mut DieselConn) -> bool {
+        self.inner.has_broken(&mut c.conn)
     }
 }
 
 /// A session checked out of a [`DieselPool`]; dereferences to [`AsyncPgConnection`] and goes back
 /// to its pool when dropped.
 pub struct PooledConn {
-    inner: bb8::PooledConnection<'static, Manager>,
+    inner: Checkout<DieselDriver>,
 }
 
 impl PooledConn {
     /// The topology generation this session was made under.
     pub fn generation(&self) -> u64 {
-        self.inner.generation
+        self.inner.generation()
     }
 
     /// How long ago the session was opened.
     pub fn age(&self) -> Duration {
-        self.inner.born.elapsed()
+        self.inner.age()
+    }
+
+    fn session(&mut self) -> &mut DieselConn {
+        &mut self.inner
     }
 }
 
@@ -104,161 +134,17 @@ impl Deref for PooledConn {
 
 impl DerefMut for PooledConn {
     fn deref_mut(&mut self) -> &mut AsyncPgConnection {
-        &mut self.inner.conn
+        &mut self.session().conn
     }
 }
 
 impl fmt::Debug for PooledConn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PooledConn")
-            .field("generation", &self.inner.generation)
-            .field("age", &self.inner.born.elapsed())
+            .field("generation", &self.generation())
+            .field("age", &self.age())
             .finish_non_exhaustive()
     }
-}
-
-/// A pooled session with what the checkout checks need.
-struct Conn {
-    conn: AsyncPgConnection,
-    generation: u64,
-    born: Instant,
-    label: Arc<str>,
-    /// Set by [`Backend::discard`]: closed when returned, never reused.
-    discarded: bool,
-    /// When the session last went back to the pool (bb8 asks `has_broken` then).
-    idle_since: Instant,
-}
-
-/// A connect failure, kept so checkouts waiting on the pool fail at once with the cause instead
-/// of waiting for bb8's timeout (bb8 only hands connect errors to its error sink).
-#[derive(Clone)]
-struct Failure {
-    kind: ErrorKind,
-    sqlstate: Option<String>,
-    message: String,
-}
-
-impl Failure {
-    fn of(e: &BackendError) -> Self {
-        Failure {
-            kind: e.kind,
-            sqlstate: e.sqlstate.clone(),
-            message: e.message.clone(),
-        }
-    }
-
-    fn to_error(&self) -> BackendError {
-        let mut e = BackendError::new(self.kind, &self.message);
-        e.sqlstate = self.sqlstate.clone();
-        e
-    }
-}
-
-/// What the pool and its manager share.
-struct Shared {
-    node: Arc<str>,
-    access: Access,
-    /// `pg-1 reader`: the prefix of every error message.
-    label: Arc<str>,
-    epoch: Epoch,
-    settings: PoolSettings,
-    failures: watch::Sender<Option<Failure>>,
-}
-
-impl Shared {
-    fn err(&self, kind: ErrorKind, what: impl fmt::Display) -> BackendError {
-        BackendError::new(kind, format!("{}: {what}", self.label))
-    }
-}
-
-/// bb8 manager: diesel-async's manager for connecting, plus the generation stamp, the
-/// writer check and the checkout checks.
-struct Manager {
-    inner: AsyncDieselConnectionManager<AsyncPgConnection>,
-    shared: Arc<Shared>,
-}
-
-impl ManageConnection for Manager {
-    type Connection = Conn;
-    type Error = BackendError;
-
-    async fn connect(&self) -> Result<Conn, BackendError> {
-        let s = &self.shared;
-        // Stamp with the generation from before connecting: if roles change while we connect,
-        // the session is refused at checkout and made again under the new generation.
-        let generation = s.epoch.generation();
-        let made =
-            match tokio::time::timeout(s.settings.connect_timeout, self.inner.connect()).await {
-                Ok(Ok(conn)) => Ok(conn),
-                Ok(Err(PoolError::ConnectionError(e))) => {
-                    Err(error::from_connection_error(&s.label, e))
-                }
-                Ok(Err(PoolError::QueryError(e))) => Err(error::query_error(&s.label, e)),
-                Err(_) => Err(s.err(
-                    ErrorKind::Connection,
-                    format_args!("could not connect within {:?}", s.settings.connect_timeout),
-                )),
-            };
-        match made {
-            Ok(conn) => Ok(Conn {
-                conn,
-                generation,
-                born: Instant::now(),
-                label: s.label.clone(),
-                discarded: false,
-                idle_since: Instant::now(),
-            }),
-            Err(e) => {
-                tracing::debug!(node = %s.node, access = ?s.access, error = %e, "connect failed");
-                s.failures.send_replace(Some(Failure::of(&e)));
-                Err(e)
-            }
-        }
-    }
-
-    async fn is_valid(&self, c: &mut Conn) -> Result<(), BackendError> {
-        let s = &self.shared;
-        if !s.epoch.admits(c.generation) {
-            return Err(s.err(
-                ErrorKind::Connection,
-                format_args!(
-                    "session from topology generation {} refused (now {})",
-                    c.generation,
-                    s.epoch.generation()
-                ),
-            ));
-        }
-        if s.settings.is_expired(c.born.elapsed(), Duration::ZERO) {
-            return Err(s.err(ErrorKind::Connection, "session past max_lifetime"));
-        }
-        if self.inner.has_broken(&mut c.conn) {
-            // Costs no round trip: the socket is known closed (the node died), or a diesel
-            // transaction was left open. Never hand those out, pre-ping or not.
-            return Err(s.err(ErrorKind::Connection, "session closed"));
-        }
-        // A recently used read session came back through a reset that succeeded (or
-        // untouched): known good, no round trip. Writer sessions and idle ones are checked.
-        if !s
-            .epoch
-            .needs_check(&s.settings, s.access, c.idle_since.elapsed())
-        {
-            return Ok(());
-        }
-        session_check(&s.label, s.access, &s.epoch, &mut c.conn).await
-    }
-
-    fn has_broken(&self, c: &mut Conn) -> bool {
-        // bb8 asks on every return to the pool: the session's idle time starts now.
-        c.idle_since = Instant::now();
-        // diesel-async: the socket closed, or a diesel-managed transaction was left open/failed.
-        c.discarded || self.inner.has_broken(&mut c.conn)
-    }
-}
-
-/// Every connection the pool may open is open (in use when the wait ran out; one released
-/// just then does not make it a connect failure).
-fn is_exhausted(pool: &bb8::Pool<Manager>, s: &Shared) -> bool {
-    pool.state().connections >= s.settings.max_size.max(1)
 }
 
 #[derive(QueryableByName)]
@@ -414,79 +300,38 @@ impl Backend for DieselBackend {
                     .map_err(error::into_connection_error)
             })
         });
-        let shared = Arc::new(Shared {
-            node: Arc::from(node.name.as_str()),
-            access,
-            label: Arc::from(label),
-            epoch,
-            settings,
-            failures: watch::channel(None).0,
-        });
-        let manager = Manager {
+        let driver = DieselDriver {
             inner: AsyncDieselConnectionManager::new_with_config(node.url.expose(), config),
-            shared: shared.clone(),
+            access,
+            epoch: epoch.clone(),
+            label: Arc::from(label.as_str()),
         };
-        let pool = bb8::Pool::builder()
-            .max_size(settings.max_size.max(1))
-            .min_idle(Some(0))
-            .connection_timeout(settings.connect_timeout)
-            .max_lifetime(settings.max_lifetime)
-            .idle_timeout(settings.idle_timeout)
-            // Always: the generation check runs at every checkout (no round trip); the check
-            // query only with pre_ping, on a session that sat idle.
-            .test_on_check_out(true)
-            // The router decides what to do about a node that refuses connections.
-            .retry_connection(false)
-            .build_unchecked(manager);
-        Ok(DieselPool { pool, shared })
+        Ok(StampedPool::new(
+            PoolSpec {
+                node,
+                access,
+                settings,
+                epoch,
+            },
+            label,
+            driver,
+        ))
     }
 
     async fn checkout(pool: &DieselPool) -> Result<PooledConn, BackendError> {
-        let s = &pool.shared;
-        let mut failures = s.failures.subscribe();
-        failures.mark_unchanged();
-        tokio::select! {
-            biased;
-            got = pool.pool.get_owned() => match got {
-                Ok(inner) => Ok(PooledConn { inner }),
-                Err(bb8::RunError::User(e)) => Err(e),
-                // bb8 counts only established connections (not connects in flight): all of
-                // them in use means the wait was for a free session, and the node answers.
-                Err(bb8::RunError::TimedOut) if is_exhausted(&pool.pool, s) => Err(s.err(
-                    ErrorKind::PoolBusy,
-                    format_args!(
-                        "no free session within {:?}: all {} in use",
-                        s.settings.connect_timeout,
-                        pool.pool.state().connections
-                    ),
-                )),
-                Err(bb8::RunError::TimedOut) => Err(s.err(
-                    ErrorKind::Timeout,
-                    format_args!("could not connect within {:?}", s.settings.connect_timeout),
-                )),
-            },
-            // A connect attempt failed while we waited: that is the answer (bb8 itself would
-            // only time out).
-            Ok(()) = failures.changed() => {
-                let failure = failures.borrow_and_update().clone();
-                Err(failure.map_or_else(
-                    || s.err(ErrorKind::Connection, "connect failed"),
-                    |f| f.to_error(),
-                ))
-            }
-        }
+        pool.checkout().await.map(|inner| PooledConn { inner })
     }
 
     async fn query_text<'a>(
         pooled: &'a mut PooledConn,
         sql: &'a str,
     ) -> Result<Option<String>, BackendError> {
-        let c = &mut *pooled.inner;
+        let c = pooled.session();
         text_query(&c.label, &mut c.conn, sql).await
     }
 
     async fn execute<'a>(pooled: &'a mut PooledConn, sql: &'a str) -> Result<u64, BackendError> {
-        let c = &mut *pooled.inner;
+        let c = pooled.session();
         diesel::sql_query(sql)
             .execute(&mut c.conn)
             .await
@@ -498,7 +343,7 @@ impl Backend for DieselBackend {
         pooled: &'a mut PooledConn,
         sql: &'a str,
     ) -> Result<(), BackendError> {
-        let c = &mut *pooled.inner;
+        let c = pooled.session();
         c.conn
             .batch_execute(sql)
             .await
@@ -506,14 +351,14 @@ impl Backend for DieselBackend {
     }
 
     fn discard(pooled: &mut PooledConn) {
-        pooled.inner.discarded = true;
+        pooled.inner.discard();
     }
 
     /// A diesel transaction left open (its future dropped) is still open to diesel's transaction
     /// manager; a server-side ROLLBACK would not tell it, and its next `transaction()` would only
     /// open a savepoint.
     fn reusable(pooled: &mut PooledConn) -> bool {
-        !pooled.inner.conn.is_broken()
+        !pooled.session().conn.is_broken()
     }
 
     fn classify(err: &diesel::result::Error) -> ErrorKind {
@@ -521,11 +366,7 @@ impl Backend for DieselBackend {
     }
 
     fn pool_state(pool: &DieselPool) -> Option<routing_core::PoolState> {
-        let state = pool.pool.state();
-        Some(routing_core::PoolState {
-            connections: state.connections,
-            idle: state.idle_connections,
-        })
+        Some(pool.pool_state())
     }
 
     fn sqlstate(err: &diesel::result::Error) -> Option<String> {
@@ -534,7 +375,7 @@ impl Backend for DieselBackend {
 
     /// Read as diesel's binary `PgLsn`, not text.
     async fn current_wal_lsn(pooled: &mut PooledConn) -> Result<Option<Lsn>, BackendError> {
-        let c = &mut *pooled.inner;
+        let c = pooled.session();
         crate::lsn::commit_lsn(&mut c.conn)
             .await
             .map_err(|e| error::query_error(&c.label, e))
@@ -545,7 +386,7 @@ impl Backend for DieselBackend {
     /// them in order, so the position is read after the COMMIT, whatever became of it). A failed
     /// COMMIT is the answer; the position is then ignored.
     async fn commit_returning_lsn(pooled: &mut PooledConn) -> Result<Option<Lsn>, BackendError> {
-        let c = &mut *pooled.inner;
+        let c = pooled.session();
         let conn: &AsyncPgConnection = &c.conn;
         let commit = async {
             let mut shared = conn;

@@ -1,0 +1,352 @@
+//! The pool both adapters use (feature `bb8`): a bb8 pool whose connections are stamped with
+//! the topology generation they were made under, checked at checkout only when the router's
+//! rules say so, and whose connect failures reach the checkouts waiting on it.
+//!
+//! An adapter supplies a [`Driver`]: how to connect (including the access mode's connect-time
+//! check), the check query, and what the driver knows about a broken session without a round
+//! trip. Everything else (generation, lifetimes, the idle threshold, `PoolBusy` against
+//! `Timeout`, handing connect failures to waiting checkouts) lives here, once.
+
+use std::fmt;
+use std::future::Future;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bb8::ManageConnection;
+use tokio::sync::watch;
+
+use crate::{Access, BackendError, Epoch, ErrorKind, PoolSettings, PoolSpec, PoolState};
+
+pub use bb8;
+
+/// What an adapter tells the pool about its driver.
+pub trait Driver: Send + Sync + 'static {
+    /// The driver's connection (with any per-session state the adapter keeps).
+    type Conn: Send + 'static;
+
+    /// Opens a session ready for the pool's access mode, [`Access::check_sql`] included where
+    /// [`Access::checks_at_connect`] says so (a writer session on a node in recovery is an
+    /// [`ErrorKind::NotWriter`] error). The pool bounds it by `connect_timeout`.
+    fn connect(&self) -> impl Future<Output = Result<Self::Conn, BackendError>> + Send;
+
+    /// Runs [`Access::check_sql`] on a pooled session and applies [`Access::judge_check`].
+    fn check<'a>(
+        &'a self,
+        conn: &'a mut Self::Conn,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + 'a;
+
+    /// What the driver knows without a round trip: the socket closed, a transaction it still
+    /// counts open, a statement of the adapter's cut short. Such a session is never reused.
+    fn has_broken(&self, conn: &mut Self::Conn) -> bool;
+}
+
+/// A pooled session: the driver's connection and what the checkout checks need.
+pub struct Stamped<C> {
+    conn: C,
+    generation: u64,
+    born: Instant,
+    /// When the session last went back to the pool (bb8 asks `has_broken` then).
+    idle_since: Instant,
+    /// Set by [`Stamped::discard`]: closed when returned, never reused.
+    discarded: bool,
+}
+
+impl<C> Stamped<C> {
+    /// The topology generation this session was made under.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// How long ago the session was opened.
+    pub fn age(&self) -> Duration {
+        self.born.elapsed()
+    }
+
+    /// Closes the session when it returns instead of pooling it again.
+    pub fn discard(&mut self) {
+        self.discarded = true;
+    }
+}
+
+impl<C> fmt::Debug for Stamped<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stamped")
+            .field("generation", &self.generation)
+            .field("age", &self.born.elapsed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C> Deref for Stamped<C> {
+    type Target = C;
+    fn deref(&self) -> &C {
+        &self.conn
+    }
+}
+
+impl<C> DerefMut for Stamped<C> {
+    fn deref_mut(&mut self) -> &mut C {
+        &mut self.conn
+    }
+}
+
+/// A connect failure, kept so checkouts waiting on the pool fail at once with the cause instead
+/// of waiting for bb8's timeout (bb8 only hands connect errors to its error sink).
+#[derive(Clone)]
+struct Failure {
+    kind: ErrorKind,
+    sqlstate: Option<String>,
+    message: String,
+}
+
+impl Failure {
+    fn of(e: &BackendError) -> Self {
+        Failure {
+            kind: e.kind,
+            sqlstate: e.sqlstate.clone(),
+            message: e.message.clone(),
+        }
+    }
+
+    fn to_error(&self) -> BackendError {
+        let mut e = BackendError::new(self.kind, &self.message);
+        e.sqlstate = self.sqlstate.clone();
+        e
+    }
+}
+
+/// What the pool and its manager share.
+struct Shared {
+    node: Arc<str>,
+    access: Access,
+    /// `pg-1 reader`: the prefix of the pool's own error messages.
+    label: Arc<str>,
+    epoch: Epoch,
+    settings: PoolSettings,
+    failures: watch::Sender<Option<Failure>>,
+}
+
+impl Shared {
+    fn err(&self, kind: ErrorKind, what: impl fmt::Display) -> BackendError {
+        BackendError::new(kind, format!("{}: {what}", self.label))
+    }
+}
+
+/// The bb8 manager over a [`Driver`].
+pub struct Manager<D: Driver> {
+    driver: D,
+    shared: Arc<Shared>,
+}
+
+impl<D: Driver> fmt::Debug for Manager<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Manager")
+            .field("node", &self.shared.node)
+            .field("access", &self.shared.access)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: Driver> ManageConnection for Manager<D> {
+    type Connection = Stamped<D::Conn>;
+    type Error = BackendError;
+
+    async fn connect(&self) -> Result<Self::Connection, BackendError> {
+        let s = &self.shared;
+        // Stamp with the generation from before connecting: if roles change while we connect,
+        // the session is refused at checkout and made again under the new generation.
+        let generation = s.epoch.generation();
+        let limit = s.settings.connect_timeout;
+        let made = match tokio::time::timeout(limit, self.driver.connect()).await {
+            Ok(made) => made,
+            Err(_) => Err(s.err(
+                ErrorKind::Connection,
+                format_args!("could not connect within {limit:?}"),
+            )),
+        };
+        match made {
+            Ok(conn) => Ok(Stamped {
+                conn,
+                generation,
+                born: Instant::now(),
+                idle_since: Instant::now(),
+                discarded: false,
+            }),
+            Err(e) => {
+                tracing::debug!(node = %s.node, access = ?s.access, error = %e, "connect failed");
+                s.failures.send_replace(Some(Failure::of(&e)));
+                Err(e)
+            }
+        }
+    }
+
+    async fn is_valid(&self, c: &mut Self::Connection) -> Result<(), BackendError> {
+        let s = &self.shared;
+        if !s.epoch.admits(c.generation) {
+            return Err(s.err(
+                ErrorKind::Connection,
+                format_args!(
+                    "session from topology generation {} refused (now {})",
+                    c.generation,
+                    s.epoch.generation()
+                ),
+            ));
+        }
+        // bb8's reaper enforces these only once per period: an idle session can outlive them.
+        if s.settings
+            .is_expired(c.born.elapsed(), c.idle_since.elapsed())
+        {
+            return Err(s.err(
+                ErrorKind::Connection,
+                "session past max_lifetime or idle_timeout",
+            ));
+        }
+        if self.driver.has_broken(&mut c.conn) {
+            // Costs no round trip: never hand those out, pre-ping or not.
+            return Err(s.err(ErrorKind::Connection, "session closed"));
+        }
+        // A recently used read session came back through a reset that succeeded (or
+        // untouched): known good, no round trip. Writer sessions and idle ones are checked.
+        if !s
+            .epoch
+            .needs_check(&s.settings, s.access, c.idle_since.elapsed())
+        {
+            return Ok(());
+        }
+        self.driver.check(&mut c.conn).await
+    }
+
+    fn has_broken(&self, c: &mut Self::Connection) -> bool {
+        // bb8 asks on every return to the pool: the session's idle time starts now.
+        c.idle_since = Instant::now();
+        c.discarded || self.driver.has_broken(&mut c.conn)
+    }
+}
+
+/// One node's pool for one [`Access`] mode.
+pub struct StampedPool<D: Driver> {
+    pool: bb8::Pool<Manager<D>>,
+    shared: Arc<Shared>,
+}
+
+/// A session checked out of a [`StampedPool`]; goes back to its pool when dropped.
+pub type Checkout<D> = bb8::PooledConnection<'static, Manager<D>>;
+
+impl<D: Driver> fmt::Debug for StampedPool<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.pool.state();
+        f.debug_struct("StampedPool")
+            .field("node", &self.shared.node)
+            .field("access", &self.shared.access)
+            .field("connections", &state.connections)
+            .field("idle", &state.idle_connections)
+            .finish()
+    }
+}
+
+impl<D: Driver> StampedPool<D> {
+    /// A lazily connecting pool for `spec` (needs a tokio runtime). `label` prefixes the pool's
+    /// own error messages.
+    pub fn new(spec: PoolSpec, label: impl Into<Arc<str>>, driver: D) -> Self {
+        let PoolSpec {
+            node,
+            access,
+            settings,
+            epoch,
+        } = spec;
+        let shared = Arc::new(Shared {
+            node: Arc::from(node.name.as_str()),
+            access,
+            label: label.into(),
+            epoch,
+            settings,
+            failures: watch::channel(None).0,
+        });
+        let manager = Manager {
+            driver,
+            shared: shared.clone(),
+        };
+        let pool = bb8::Pool::builder()
+            .max_size(settings.max_size.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(settings.connect_timeout)
+            .max_lifetime(settings.max_lifetime)
+            .idle_timeout(settings.idle_timeout)
+            // Always: the generation check runs at every checkout (no round trip); the check
+            // query only with pre_ping, on a writer session or one that sat idle.
+            .test_on_check_out(true)
+            // The router decides what to do about a node that refuses connections.
+            .retry_connection(false)
+            .build_unchecked(manager);
+        StampedPool { pool, shared }
+    }
+
+    /// The node's name.
+    pub fn node(&self) -> &str {
+        &self.shared.node
+    }
+
+    /// What the pool's sessions are for.
+    pub fn access(&self) -> Access {
+        self.shared.access
+    }
+
+    /// bb8's view: open and idle connections.
+    pub fn state(&self) -> bb8::State {
+        self.pool.state()
+    }
+
+    /// The router's view of [`Self::state`].
+    pub fn pool_state(&self) -> PoolState {
+        let state = self.pool.state();
+        PoolState {
+            connections: state.connections,
+            idle: state.idle_connections,
+        }
+    }
+
+    /// A session, or why not: [`ErrorKind::PoolBusy`] when every session is in use for the
+    /// whole wait, [`ErrorKind::Timeout`] when connecting took too long, and the cause at once
+    /// when a connect attempt fails while we wait (refused, in recovery for a writer, a bad
+    /// password), where bb8 itself would only time out.
+    pub async fn checkout(&self) -> Result<Checkout<D>, BackendError> {
+        let s = &self.shared;
+        let mut failures = s.failures.subscribe();
+        failures.mark_unchanged();
+        tokio::select! {
+            biased;
+            got = self.pool.get_owned() => match got {
+                Ok(session) => Ok(session),
+                Err(bb8::RunError::User(e)) => Err(e),
+                // bb8 counts only established connections (not connects in flight): all of
+                // them in use means the wait was for a free session, and the node answers.
+                Err(bb8::RunError::TimedOut) if self.is_exhausted() => Err(s.err(
+                    ErrorKind::PoolBusy,
+                    format_args!(
+                        "no free session within {:?}: all {} in use",
+                        s.settings.connect_timeout,
+                        self.pool.state().connections
+                    ),
+                )),
+                Err(bb8::RunError::TimedOut) => Err(s.err(
+                    ErrorKind::Timeout,
+                    format_args!("could not connect within {:?}", s.settings.connect_timeout),
+                )),
+            },
+            Ok(()) = failures.changed() => {
+                let failure = failures.borrow_and_update().clone();
+                Err(failure.map_or_else(
+                    || s.err(ErrorKind::Connection, "connect failed"),
+                    |f| f.to_error(),
+                ))
+            }
+        }
+    }
+
+    /// Every connection the pool may open is open (in use when the wait ran out; one released
+    /// just then does not make it a connect failure).
+    fn is_exhausted(&self) -> bool {
+        self.pool.state().connections >= self.shared.settings.max_size.max(1)
+    }
+}
