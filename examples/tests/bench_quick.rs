@@ -77,7 +77,9 @@ fn quick_bench_writes_every_field() {
 
     // Round trips are counted, not timed: a routed read makes no more than the plain pool's
     // (sqlx: query and reset against ping, query and release ping; diesel: the same four). An
-    // adapter that pinged twice (the driver's ping beside the router's reset) shows here.
+    // adapter that pinged twice (the driver's ping beside the router's reset) adds one per
+    // request; the monitor's probes and a reconnect inside the counting window add a few in
+    // all (up to 0.3 per request seen with 30 requests), hence the half-trip margins.
     let breakdown = doc["breakdown"].as_array().expect("breakdown");
     for backend in ["sqlx", "diesel"] {
         let trips = |side: &str, mode: &str| {
@@ -98,7 +100,7 @@ fn quick_bench_writes_every_field() {
         for mode in ["Eventual", "Causal", "ReadYourWrites/memory"] {
             let (routed, raw) = (trips("candidate", mode), trips("baseline", mode));
             assert!(
-                routed <= raw + 0.25,
+                routed <= raw + 0.5,
                 "{backend} {mode}: {routed} round trips per routed read, {raw} raw"
             );
             if backend == "sqlx" {
