@@ -37,57 +37,92 @@ pub trait Driver: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), BackendError>> + Send + 'a;
 
     /// What the driver knows without a round trip: the socket closed, a transaction it still
-    /// counts open, a statement of the adapter's cut short. Such a session is never reused.
+    /// counts open. Such a session is never reused.
     fn has_broken(&self, conn: &mut Self::Conn) -> bool;
 }
 
 /// A pooled session: the driver's connection and what the checkout checks need.
-pub struct Stamped<C> {
+struct Stamped<C> {
     conn: C,
     generation: u64,
     born: Instant,
+    /// The pool's label (`pg-1 reader`), for the adapter's error messages.
+    label: Arc<str>,
     /// When the session last went back to the pool (bb8 asks `has_broken` then).
     idle_since: Instant,
-    /// Set by [`Stamped::discard`]: closed when returned, never reused.
+    /// Set by [`PooledSession::discard`]: closed when returned, never reused.
     discarded: bool,
+    /// One of the adapter's statements is in flight or lost its connection (see
+    /// [`PooledSession::run`]).
+    suspect: bool,
 }
 
-impl<C> Stamped<C> {
+/// A session checked out of a [`StampedPool`]: dereferences to the driver's connection and goes
+/// back to its pool when dropped (closed instead when [`Self::discard`]ed, when the driver
+/// reports it broken, or when a statement run through [`Self::run`] did not finish cleanly).
+pub struct PooledSession<D: Driver> {
+    inner: Checkout<D>,
+}
+
+impl<D: Driver> PooledSession<D> {
     /// The topology generation this session was made under.
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.inner.generation
     }
 
     /// How long ago the session was opened.
     pub fn age(&self) -> Duration {
-        self.born.elapsed()
+        self.inner.born.elapsed()
+    }
+
+    /// The pool's label (`pg-1 reader`), the prefix of the adapter's error messages.
+    pub fn label(&self) -> &str {
+        &self.inner.label
     }
 
     /// Closes the session when it returns instead of pooling it again.
     pub fn discard(&mut self) {
-        self.discarded = true;
+        self.inner.discarded = true;
+    }
+
+    /// Runs one of the adapter's own statements (the router's queries, resets, commits), given
+    /// the connection and the pool's label. Dropped before it finished (a timeout, a cancelled
+    /// request) or failed at the transport ([`ErrorKind::Connection`]), the session is closed
+    /// when it returns: a driver may otherwise hand the next holder a connection with an answer
+    /// still on the way, or a dead one (sqlx tells neither, and the monitor's probes return
+    /// sessions without a reset).
+    pub async fn run<T>(
+        &mut self,
+        op: impl AsyncFnOnce(&mut D::Conn, &str) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let s = &mut *self.inner;
+        s.suspect = true;
+        let out = op(&mut s.conn, &s.label).await;
+        s.suspect = matches!(&out, Err(e) if e.kind == ErrorKind::Connection);
+        out
     }
 }
 
-impl<C> fmt::Debug for Stamped<C> {
+impl<D: Driver> Deref for PooledSession<D> {
+    type Target = D::Conn;
+    fn deref(&self) -> &D::Conn {
+        &self.inner.conn
+    }
+}
+
+impl<D: Driver> DerefMut for PooledSession<D> {
+    fn deref_mut(&mut self) -> &mut D::Conn {
+        &mut self.inner.conn
+    }
+}
+
+impl<D: Driver> fmt::Debug for PooledSession<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Stamped")
-            .field("generation", &self.generation)
-            .field("age", &self.born.elapsed())
+        f.debug_struct("PooledSession")
+            .field("pool", &self.inner.label)
+            .field("generation", &self.inner.generation)
+            .field("age", &self.inner.born.elapsed())
             .finish_non_exhaustive()
-    }
-}
-
-impl<C> Deref for Stamped<C> {
-    type Target = C;
-    fn deref(&self) -> &C {
-        &self.conn
-    }
-}
-
-impl<C> DerefMut for Stamped<C> {
-    fn deref_mut(&mut self) -> &mut C {
-        &mut self.conn
     }
 }
 
@@ -134,18 +169,9 @@ impl Shared {
 }
 
 /// The bb8 manager over a [`Driver`].
-pub struct Manager<D: Driver> {
+struct Manager<D: Driver> {
     driver: D,
     shared: Arc<Shared>,
-}
-
-impl<D: Driver> fmt::Debug for Manager<D> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Manager")
-            .field("node", &self.shared.node)
-            .field("access", &self.shared.access)
-            .finish_non_exhaustive()
-    }
 }
 
 impl<D: Driver> ManageConnection for Manager<D> {
@@ -166,13 +192,18 @@ impl<D: Driver> ManageConnection for Manager<D> {
             )),
         };
         match made {
-            Ok(conn) => Ok(Stamped {
-                conn,
-                generation,
-                born: Instant::now(),
-                idle_since: Instant::now(),
-                discarded: false,
-            }),
+            Ok(conn) => {
+                let now = Instant::now();
+                Ok(Stamped {
+                    conn,
+                    generation,
+                    born: now,
+                    label: s.label.clone(),
+                    idle_since: now,
+                    discarded: false,
+                    suspect: false,
+                })
+            }
             Err(e) => {
                 tracing::debug!(node = %s.node, access = ?s.access, error = %e, "connect failed");
                 s.failures.send_replace(Some(Failure::of(&e)));
@@ -193,10 +224,9 @@ impl<D: Driver> ManageConnection for Manager<D> {
                 ),
             ));
         }
+        let idle_for = c.idle_since.elapsed();
         // bb8's reaper enforces these only once per period: an idle session can outlive them.
-        if s.settings
-            .is_expired(c.born.elapsed(), c.idle_since.elapsed())
-        {
+        if s.settings.is_expired(c.born.elapsed(), idle_for) {
             return Err(s.err(
                 ErrorKind::Connection,
                 "session past max_lifetime or idle_timeout",
@@ -208,10 +238,7 @@ impl<D: Driver> ManageConnection for Manager<D> {
         }
         // A recently used read session came back through a reset that succeeded (or
         // untouched): known good, no round trip. Writer sessions and idle ones are checked.
-        if !s
-            .epoch
-            .needs_check(&s.settings, s.access, c.idle_since.elapsed())
-        {
+        if !s.epoch.needs_check(&s.settings, s.access, idle_for) {
             return Ok(());
         }
         self.driver.check(&mut c.conn).await
@@ -220,7 +247,7 @@ impl<D: Driver> ManageConnection for Manager<D> {
     fn has_broken(&self, c: &mut Self::Connection) -> bool {
         // bb8 asks on every return to the pool: the session's idle time starts now.
         c.idle_since = Instant::now();
-        c.discarded || self.driver.has_broken(&mut c.conn)
+        c.discarded || c.suspect || self.driver.has_broken(&mut c.conn)
     }
 }
 
@@ -230,8 +257,7 @@ pub struct StampedPool<D: Driver> {
     shared: Arc<Shared>,
 }
 
-/// A session checked out of a [`StampedPool`]; goes back to its pool when dropped.
-pub type Checkout<D> = bb8::PooledConnection<'static, Manager<D>>;
+type Checkout<D> = bb8::PooledConnection<'static, Manager<D>>;
 
 impl<D: Driver> fmt::Debug for StampedPool<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -310,14 +336,14 @@ impl<D: Driver> StampedPool<D> {
     /// whole wait, [`ErrorKind::Timeout`] when connecting took too long, and the cause at once
     /// when a connect attempt fails while we wait (refused, in recovery for a writer, a bad
     /// password), where bb8 itself would only time out.
-    pub async fn checkout(&self) -> Result<Checkout<D>, BackendError> {
+    pub async fn checkout(&self) -> Result<PooledSession<D>, BackendError> {
         let s = &self.shared;
         let mut failures = s.failures.subscribe();
         failures.mark_unchanged();
         tokio::select! {
             biased;
             got = self.pool.get_owned() => match got {
-                Ok(session) => Ok(session),
+                Ok(inner) => Ok(PooledSession { inner }),
                 Err(bb8::RunError::User(e)) => Err(e),
                 // bb8 counts only established connections (not connects in flight): all of
                 // them in use means the wait was for a free session, and the node answers.

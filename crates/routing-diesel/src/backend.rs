@@ -1,7 +1,6 @@
 //! The [`Backend`] implementation: one bb8 pool of diesel-async connections per node and access.
 
 use std::fmt;
-use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, PoolError, PoolableConnection,
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use routing_core::pool::{Checkout, Driver, StampedPool};
+use routing_core::pool::{Driver, PooledSession, StampedPool};
 use routing_core::{Access, Backend, BackendError, Epoch, ErrorKind, Lsn, PoolSpec, sql};
 use tokio_postgres::config::TargetSessionAttrs;
 
@@ -51,7 +50,7 @@ pub struct DieselDriver {
     access: Access,
     epoch: Epoch,
     /// `pg-1 reader`: the prefix of every error message.
-    label: Arc<str>,
+    label: String,
 }
 
 impl fmt::Debug for DieselDriver {
@@ -62,90 +61,29 @@ impl fmt::Debug for DieselDriver {
     }
 }
 
-/// A diesel-async connection with the label its errors carry.
-pub struct DieselConn {
-    conn: AsyncPgConnection,
-    label: Arc<str>,
-}
-
-impl fmt::Debug for DieselConn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DieselConn")
-            .field("label", &self.label)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Driver for DieselDriver {
-    type Conn = DieselConn;
+    type Conn = AsyncPgConnection;
 
-    async fn connect(&self) -> Result<DieselConn, BackendError> {
-        let conn = match self.inner.connect().await {
-            Ok(conn) => conn,
-            Err(PoolError::ConnectionError(e)) => {
-                return Err(error::from_connection_error(&self.label, e));
-            }
-            Err(PoolError::QueryError(e)) => return Err(error::query_error(&self.label, e)),
-        };
-        Ok(DieselConn {
-            conn,
-            label: self.label.clone(),
+    async fn connect(&self) -> Result<AsyncPgConnection, BackendError> {
+        self.inner.connect().await.map_err(|e| match e {
+            PoolError::ConnectionError(e) => error::from_connection_error(&self.label, e),
+            PoolError::QueryError(e) => error::query_error(&self.label, e),
         })
     }
 
-    async fn check<'a>(&'a self, c: &'a mut DieselConn) -> Result<(), BackendError> {
-        session_check(&self.label, self.access, &self.epoch, &mut c.conn).await
+    async fn check<'a>(&'a self, conn: &'a mut AsyncPgConnection) -> Result<(), BackendError> {
+        session_check(&self.label, self.access, &self.epoch, conn).await
     }
 
     /// diesel-async: the socket closed, or a diesel-managed transaction was left open/failed.
-    fn has_broken(&self, c: &mut DieselConn) -> bool {
-        self.inner.has_broken(&mut c.conn)
+    fn has_broken(&self, conn: &mut AsyncPgConnection) -> bool {
+        self.inner.has_broken(conn)
     }
 }
 
 /// A session checked out of a [`DieselPool`]; dereferences to [`AsyncPgConnection`] and goes back
 /// to its pool when dropped.
-pub struct PooledConn {
-    inner: Checkout<DieselDriver>,
-}
-
-impl PooledConn {
-    /// The topology generation this session was made under.
-    pub fn generation(&self) -> u64 {
-        self.inner.generation()
-    }
-
-    /// How long ago the session was opened.
-    pub fn age(&self) -> Duration {
-        self.inner.age()
-    }
-
-    fn session(&mut self) -> &mut DieselConn {
-        &mut self.inner
-    }
-}
-
-impl Deref for PooledConn {
-    type Target = AsyncPgConnection;
-    fn deref(&self) -> &AsyncPgConnection {
-        &self.inner.conn
-    }
-}
-
-impl DerefMut for PooledConn {
-    fn deref_mut(&mut self) -> &mut AsyncPgConnection {
-        &mut self.session().conn
-    }
-}
-
-impl fmt::Debug for PooledConn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PooledConn")
-            .field("generation", &self.generation())
-            .field("age", &self.age())
-            .finish_non_exhaustive()
-    }
-}
+pub type PooledConn = PooledSession<DieselDriver>;
 
 #[derive(QueryableByName)]
 struct TextRow {
@@ -304,7 +242,7 @@ impl Backend for DieselBackend {
             inner: AsyncDieselConnectionManager::new_with_config(node.url.expose(), config),
             access,
             epoch: epoch.clone(),
-            label: Arc::from(label.as_str()),
+            label: label.clone(),
         };
         Ok(StampedPool::new(
             PoolSpec {
@@ -319,46 +257,52 @@ impl Backend for DieselBackend {
     }
 
     async fn checkout(pool: &DieselPool) -> Result<PooledConn, BackendError> {
-        pool.checkout().await.map(|inner| PooledConn { inner })
+        pool.checkout().await
     }
 
     async fn query_text<'a>(
         pooled: &'a mut PooledConn,
         sql: &'a str,
     ) -> Result<Option<String>, BackendError> {
-        let c = pooled.session();
-        text_query(&c.label, &mut c.conn, sql).await
+        pooled
+            .run(async |conn, label| text_query(label, conn, sql).await)
+            .await
     }
 
     async fn execute<'a>(pooled: &'a mut PooledConn, sql: &'a str) -> Result<u64, BackendError> {
-        let c = pooled.session();
-        diesel::sql_query(sql)
-            .execute(&mut c.conn)
+        pooled
+            .run(async |conn, label| {
+                diesel::sql_query(sql)
+                    .execute(conn)
+                    .await
+                    .map(|n| n as u64)
+                    .map_err(|e| error::query_error(label, e))
+            })
             .await
-            .map(|n| n as u64)
-            .map_err(|e| error::query_error(&c.label, e))
     }
 
     async fn execute_batch<'a>(
         pooled: &'a mut PooledConn,
         sql: &'a str,
     ) -> Result<(), BackendError> {
-        let c = pooled.session();
-        c.conn
-            .batch_execute(sql)
+        pooled
+            .run(async |conn, label| {
+                conn.batch_execute(sql)
+                    .await
+                    .map_err(|e| error::query_error(label, e))
+            })
             .await
-            .map_err(|e| error::query_error(&c.label, e))
     }
 
     fn discard(pooled: &mut PooledConn) {
-        pooled.inner.discard();
+        pooled.discard();
     }
 
     /// A diesel transaction left open (its future dropped) is still open to diesel's transaction
     /// manager; a server-side ROLLBACK would not tell it, and its next `transaction()` would only
     /// open a savepoint.
     fn reusable(pooled: &mut PooledConn) -> bool {
-        !pooled.session().conn.is_broken()
+        !pooled.is_broken()
     }
 
     fn classify(err: &diesel::result::Error) -> ErrorKind {
@@ -375,10 +319,13 @@ impl Backend for DieselBackend {
 
     /// Read as diesel's binary `PgLsn`, not text.
     async fn current_wal_lsn(pooled: &mut PooledConn) -> Result<Option<Lsn>, BackendError> {
-        let c = pooled.session();
-        crate::lsn::commit_lsn(&mut c.conn)
+        pooled
+            .run(async |conn, label| {
+                crate::lsn::commit_lsn(conn)
+                    .await
+                    .map_err(|e| error::query_error(label, e))
+            })
             .await
-            .map_err(|e| error::query_error(&c.label, e))
     }
 
     /// One round trip: the COMMIT and the LSN query are pipelined (diesel-async sends requests
@@ -386,24 +333,27 @@ impl Backend for DieselBackend {
     /// them in order, so the position is read after the COMMIT, whatever became of it). A failed
     /// COMMIT is the answer; the position is then ignored.
     async fn commit_returning_lsn(pooled: &mut PooledConn) -> Result<Option<Lsn>, BackendError> {
-        let c = pooled.session();
-        let conn: &AsyncPgConnection = &c.conn;
-        let commit = async {
-            let mut shared = conn;
-            SimpleAsyncConnection::batch_execute(&mut shared, sql::COMMIT).await
-        };
-        let mut commit = std::pin::pin!(commit);
-        // Poll the COMMIT once before the position query exists: that sends it first.
-        let early = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(std::future::Future::poll(commit.as_mut(), cx))
-        })
-        .await;
-        let position = crate::lsn::commit_lsn_shared(conn);
-        let (committed, position) = match early {
-            std::task::Poll::Ready(done) => (done, position.await),
-            std::task::Poll::Pending => tokio::join!(commit, position),
-        };
-        committed.map_err(|e| error::query_error(&c.label, e))?;
-        position.map_err(|e| error::query_error(&c.label, e))
+        pooled
+            .run(async |conn, label| {
+                let conn: &AsyncPgConnection = conn;
+                let commit = async {
+                    let mut shared = conn;
+                    SimpleAsyncConnection::batch_execute(&mut shared, sql::COMMIT).await
+                };
+                let mut commit = std::pin::pin!(commit);
+                // Poll the COMMIT once before the position query exists: that sends it first.
+                let early = std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(std::future::Future::poll(commit.as_mut(), cx))
+                })
+                .await;
+                let position = crate::lsn::commit_lsn_shared(conn);
+                let (committed, position) = match early {
+                    std::task::Poll::Ready(done) => (done, position.await),
+                    std::task::Poll::Pending => tokio::join!(commit, position),
+                };
+                committed.map_err(|e| error::query_error(label, e))?;
+                position.map_err(|e| error::query_error(label, e))
+            })
+            .await
     }
 }

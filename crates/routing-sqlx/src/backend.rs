@@ -5,11 +5,9 @@
 //! hot path"), and it cannot stamp a connection with the topology generation it was made under.
 
 use std::fmt;
-use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
-use std::time::Duration;
 
-use routing_core::pool::{Checkout, Driver, StampedPool};
+use routing_core::pool::{Driver, PooledSession, StampedPool};
 use routing_core::{Access, Backend, BackendError, Epoch, ErrorKind, NodeConfig, PoolSpec};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
@@ -71,103 +69,32 @@ impl fmt::Debug for SqlxDriver {
     }
 }
 
-/// A sqlx connection and what sqlx does not tell about it.
-pub struct SqlxConn {
-    conn: PgConnection,
-    /// One of the adapter's statements is in flight or lost its connection (see
-    /// [`PooledConn::run`]).
-    suspect: bool,
-}
-
-impl fmt::Debug for SqlxConn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqlxConn")
-            .field("suspect", &self.suspect)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Driver for SqlxDriver {
-    type Conn = SqlxConn;
+    type Conn = PgConnection;
 
-    async fn connect(&self) -> Result<SqlxConn, BackendError> {
+    async fn connect(&self) -> Result<PgConnection, BackendError> {
         let mut conn = PgConnection::connect_with(&self.opts)
             .await
             .map_err(|e| backend_error_at(&self.label, e))?;
         if self.access.checks_at_connect() {
             session_check(&self.label, self.access, &self.epoch, &mut conn).await?;
         }
-        Ok(SqlxConn {
-            conn,
-            suspect: false,
-        })
+        Ok(conn)
     }
 
-    async fn check<'a>(&'a self, c: &'a mut SqlxConn) -> Result<(), BackendError> {
-        session_check(&self.label, self.access, &self.epoch, &mut c.conn).await
+    async fn check<'a>(&'a self, conn: &'a mut PgConnection) -> Result<(), BackendError> {
+        session_check(&self.label, self.access, &self.epoch, conn).await
     }
 
     /// A `sqlx::Transaction` leaked with `mem::forget` leaves sqlx counting it open.
-    fn has_broken(&self, c: &mut SqlxConn) -> bool {
-        c.suspect || c.conn.is_in_transaction()
+    fn has_broken(&self, conn: &mut PgConnection) -> bool {
+        conn.is_in_transaction()
     }
 }
 
 /// A session checked out of a [`NodePool`]; dereferences to [`PgConnection`] and goes back to
 /// its pool when dropped.
-pub struct PooledConn {
-    inner: Checkout<SqlxDriver>,
-}
-
-impl PooledConn {
-    /// The topology generation this session was made under.
-    pub fn generation(&self) -> u64 {
-        self.inner.generation()
-    }
-
-    /// How long ago the session was opened.
-    pub fn age(&self) -> Duration {
-        self.inner.age()
-    }
-
-    /// Runs one of the adapter's own statements. Dropped before it finished (a timeout, a
-    /// cancelled request), or failed at the transport, the session is discarded when it
-    /// returns: sqlx would otherwise hand the next holder a connection with an answer still on
-    /// the way, or a dead one (sqlx tells neither, and the monitor's probes return sessions
-    /// without a reset).
-    async fn run<T>(
-        &mut self,
-        op: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
-    ) -> Result<T, sqlx::Error> {
-        let c: &mut SqlxConn = &mut self.inner;
-        c.suspect = true;
-        let out = op(&mut c.conn).await;
-        c.suspect = matches!(&out, Err(e) if crate::errors::classify(e) == ErrorKind::Connection);
-        out
-    }
-}
-
-impl Deref for PooledConn {
-    type Target = PgConnection;
-    fn deref(&self) -> &PgConnection {
-        &self.inner.conn
-    }
-}
-
-impl DerefMut for PooledConn {
-    fn deref_mut(&mut self) -> &mut PgConnection {
-        &mut self.inner.conn
-    }
-}
-
-impl fmt::Debug for PooledConn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PooledConn")
-            .field("generation", &self.generation())
-            .field("age", &self.age())
-            .finish_non_exhaustive()
-    }
-}
+pub type PooledConn = PooledSession<SqlxDriver>;
 
 /// One of the router's constant queries that run on request paths.
 fn is_router_statement(text: &str) -> bool {
@@ -195,6 +122,17 @@ async fn text_query(conn: &mut PgConnection, sql: &str) -> Result<Option<String>
         Some(row) => row.try_get::<Option<String>, _>("v"),
         None => Ok(None),
     }
+}
+
+/// Runs `sql` as a simple query (one or several statements).
+async fn execute(
+    conn: &mut PgConnection,
+    sql: &str,
+) -> Result<sqlx::postgres::PgQueryResult, BackendError> {
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(conn)
+        .await
+        .map_err(backend_error)
 }
 
 /// Runs the access's check query and applies routing-core's verdict (a writer session on a node
@@ -246,7 +184,7 @@ impl Backend for SqlxBackend {
     }
 
     async fn checkout(pool: &NodePool) -> Result<PooledConn, BackendError> {
-        pool.checkout().await.map(|inner| PooledConn { inner })
+        pool.checkout().await
     }
 
     async fn query_text<'a>(
@@ -254,17 +192,15 @@ impl Backend for SqlxBackend {
         sql: &'a str,
     ) -> Result<Option<String>, BackendError> {
         pooled
-            .run(async |conn| text_query(conn, sql).await)
+            .run(async |conn, _| text_query(conn, sql).await.map_err(backend_error))
             .await
-            .map_err(backend_error)
     }
 
     async fn execute<'a>(pooled: &'a mut PooledConn, sql: &'a str) -> Result<u64, BackendError> {
         pooled
-            .run(async |conn| sqlx::raw_sql(AssertSqlSafe(sql)).execute(conn).await)
+            .run(async |conn, _| execute(conn, sql).await)
             .await
             .map(|done| done.rows_affected())
-            .map_err(backend_error)
     }
 
     async fn execute_batch<'a>(
@@ -272,21 +208,20 @@ impl Backend for SqlxBackend {
         sql: &'a str,
     ) -> Result<(), BackendError> {
         pooled
-            .run(async |conn| sqlx::raw_sql(AssertSqlSafe(sql)).execute(conn).await)
+            .run(async |conn, _| execute(conn, sql).await)
             .await
             .map(drop)
-            .map_err(backend_error)
     }
 
     fn discard(pooled: &mut PooledConn) {
-        pooled.inner.discard();
+        pooled.discard();
     }
 
     /// A `sqlx::Transaction` leaked without being dropped leaves sqlx counting it open; a
     /// server-side ROLLBACK would not tell sqlx, whose next `begin()` would then only open a
     /// savepoint.
     fn reusable(pooled: &mut PooledConn) -> bool {
-        !pooled.inner.conn.is_in_transaction()
+        !pooled.is_in_transaction()
     }
 
     fn classify(err: &sqlx::Error) -> ErrorKind {

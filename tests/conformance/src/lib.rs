@@ -145,6 +145,7 @@ macro_rules! conformance_tests {
             commit_lsn_covers_asynchronous_commits,
             a_cancelled_commit_still_records_the_mark,
             dead_sessions_are_caught_without_a_ping_per_checkout,
+            a_cancelled_router_statement_never_reaches_the_next_holder,
             a_replica_on_the_old_timeline_serves_no_read,
             guarded_reads_use_a_caught_up_replica_in_a_fallback_region,
             a_load_balanced_endpoint_is_verified_on_the_session,
@@ -1295,6 +1296,55 @@ pub async fn transactions_never_change_node<H: Harness>() {
 
 /// A password no test cluster accepts, looked for in every error text.
 const WRONG_PASSWORD: &str = "Wr0ng-Pa55word-do-not-print";
+
+/// A router statement (a probe, a commit position, a reset) cut short leaves an answer on the
+/// way: that session is closed when it returns, never handed to the next holder, while one whose
+/// statement finished goes back as it is (`routing_core::pool::PooledSession::run`).
+pub async fn a_cancelled_router_statement_never_reaches_the_next_holder<H: Harness>() {
+    let c = shared_cluster();
+    let primary = NodeConfig::writer(c.node(0).name(), c.writer_url(0));
+    let pool = H::backend()
+        .build_pool(spec(primary, Access::Probe))
+        .expect("pool");
+    let pid_sql = "SELECT pg_catalog.pg_backend_pid()::pg_catalog.text AS v";
+    let pid = |answer: Result<Option<String>, BackendError>| -> String {
+        answer.expect("pid query").expect("a pid")
+    };
+
+    let mut s = H::B::checkout(&pool).await.expect("checkout");
+    let first = pid(H::B::query_text(&mut s, pid_sql).await);
+    drop(s);
+    let mut s = H::B::checkout(&pool).await.expect("checkout");
+    assert_eq!(
+        pid(H::B::query_text(&mut s, pid_sql).await),
+        first,
+        "a session whose statement finished is reused"
+    );
+
+    let slow = H::B::query_text(
+        &mut s,
+        "SELECT pg_catalog.pg_sleep(0.5)::pg_catalog.text AS v",
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), slow)
+            .await
+            .is_err(),
+        "the sleep was cut short"
+    );
+    drop(s);
+    let mut s = H::B::checkout(&pool).await.expect("checkout");
+    let t = Instant::now();
+    let next = pid(H::B::query_text(&mut s, pid_sql).await);
+    assert_ne!(
+        next, first,
+        "the session with a cancelled statement was handed out again"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "the next holder waited {:?} for the cancelled statement's answer",
+        t.elapsed()
+    );
+}
 
 fn spec(node: NodeConfig, access: Access) -> PoolSpec {
     PoolSpec {
