@@ -379,6 +379,27 @@ pub trait Backend: Send + Sync + 'static {
         true
     }
 
+    /// While no writer is elected, keeps one session connected to this writer pool's node, not
+    /// yet checked and never handed out, so that the first write after the node is elected
+    /// needs no connection setup (see `pool::StampedPool::hold_standby`). The default does
+    /// nothing.
+    fn hold_standby(pool: &Self::Pool) {
+        let _ = pool;
+    }
+
+    /// Once the pool's node is the elected writer: checks the standby session as a new writer
+    /// session is checked and pools it under the current generation; returns whether it did.
+    /// The default has none.
+    fn admit_standby(pool: &Self::Pool) -> impl Future<Output = bool> + Send + '_ {
+        let _ = pool;
+        async { false }
+    }
+
+    /// Closes the standby session, if any (another node was elected).
+    fn release_standby(pool: &Self::Pool) {
+        let _ = pool;
+    }
+
     /// Classifies a driver error from application queries.
     fn classify(err: &Self::QueryError) -> ErrorKind;
 

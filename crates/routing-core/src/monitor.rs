@@ -12,7 +12,7 @@ use futures_util::future::select_all;
 use crate::backend::sql;
 use crate::handle::TopologyHandle;
 use crate::refusal::RefusalCheck;
-use crate::{Backend, BackendError, ErrorKind, ProbeReport};
+use crate::{Backend, BackendError, ErrorKind, NodeRole, ProbeReport, Snapshot};
 
 /// Re-probes triggered by callers come no closer together than this, per node.
 const MIN_REPROBE_GAP: Duration = Duration::from_millis(10);
@@ -21,6 +21,8 @@ const MIN_REPROBE_GAP: Duration = Duration::from_millis(10);
 /// connection check, and the timing.
 pub(crate) struct NodeProbe<B: Backend> {
     pub(crate) pool: B::Pool,
+    /// The node's writer pool, whose standby session follows the election.
+    pub(crate) writer_pool: Arc<B::Pool>,
     /// The node's refused-connection check, shared with its other pools.
     pub(crate) refusal: Arc<RefusalCheck>,
     pub(crate) name: Arc<str>,
@@ -50,6 +52,7 @@ async fn run_node<B: Backend>(
 ) {
     let NodeProbe {
         pool,
+        writer_pool,
         refusal,
         name,
         interval,
@@ -74,7 +77,9 @@ async fn run_node<B: Backend>(
         if topo.record(i, outcome.as_ref().copied()) {
             tracing::debug!(node = %name, "topology changed");
         }
+        let snap = topo.load_full();
         drop(topo);
+        follow_election::<B>(&writer_pool, &snap, i, &name).await;
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             r = nudges.changed() => {
@@ -83,6 +88,29 @@ async fn run_node<B: Backend>(
             }
             _ = shutdown.changed() => return,
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The writer pool's standby session follows the election: held on a node in recovery while no
+/// writer is elected (a failover is under way: it may be the one promoted), pooled once this
+/// node is elected (after the writer check), closed when another node is.
+async fn follow_election<B: Backend>(pool: &B::Pool, snap: &Snapshot, i: usize, name: &str) {
+    match snap.writer {
+        Some(w) if w == i => {
+            if B::admit_standby(pool).await {
+                tracing::debug!(node = %name, "standby writer session pooled");
+            }
+        }
+        Some(_) => B::release_standby(pool),
+        None => {
+            let n = &snap.nodes[i];
+            // A load-balanced node counts as a replica whatever it is; it is never elected.
+            if n.reachable && n.role == NodeRole::Replica && !n.load_balanced {
+                B::hold_standby(pool);
+            } else {
+                B::release_standby(pool);
+            }
         }
     }
 }

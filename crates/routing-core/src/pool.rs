@@ -2,10 +2,10 @@
 //! the topology generation they were made under, checked at checkout only when the router's
 //! rules say so, and whose connect failures reach the checkouts waiting on it.
 //!
-//! An adapter supplies a [`Driver`]: how to connect (including the access mode's connect-time
-//! check), the check query, and what the driver knows about a broken session without a round
-//! trip. Everything else (generation, lifetimes, the idle threshold, `PoolBusy` against
-//! `Timeout`, handing connect failures to waiting checkouts) lives here, once.
+//! An adapter supplies a [`Driver`]: how to connect, the check query, and what the driver knows
+//! about a broken session without a round trip. Everything else (the connect-time check,
+//! generation, lifetimes, the idle threshold, `PoolBusy` against `Timeout`, handing connect
+//! failures to waiting checkouts, the standby writer session) lives here, once.
 
 use std::fmt;
 use std::future::Future;
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bb8::ManageConnection;
+use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::{Access, BackendError, Epoch, ErrorKind, PoolSettings, PoolSpec, PoolState};
@@ -25,9 +26,9 @@ pub trait Driver: Send + Sync + 'static {
     /// The driver's connection (with any per-session state the adapter keeps).
     type Conn: Send + 'static;
 
-    /// Opens a session ready for the pool's access mode, [`Access::check_sql`] included where
-    /// [`Access::checks_at_connect`] says so (a writer session on a node in recovery is an
-    /// [`ErrorKind::NotWriter`] error). The pool bounds it by `connect_timeout`.
+    /// Opens a session with the pool's access mode's startup settings (read-only readers, the
+    /// statement timeout). The pool bounds it by `connect_timeout`, and runs [`Self::check`]
+    /// on it where [`Access::checks_at_connect`] says so.
     fn connect(&self) -> impl Future<Output = Result<Self::Conn, BackendError>> + Send;
 
     /// Runs [`Access::check_sql`] on a pooled session and applies [`Access::judge_check`].
@@ -55,6 +56,9 @@ struct Stamped<C> {
     /// One of the adapter's statements is in flight or lost its connection (see
     /// [`PooledSession::run`]).
     suspect: bool,
+    /// Passed the access check when it was pooled ([`StampedPool::admit_standby`]): the first
+    /// checkout soon after needs no second one.
+    checked_at: Option<Instant>,
 }
 
 /// A session checked out of a [`StampedPool`]: dereferences to the driver's connection and goes
@@ -151,6 +155,9 @@ impl Failure {
     }
 }
 
+/// A session checked this recently when it was pooled is not checked again at its first checkout.
+const JUST_CHECKED: Duration = Duration::from_millis(100);
+
 /// What the pool and its manager share.
 struct Shared {
     node: Arc<str>,
@@ -170,7 +177,7 @@ impl Shared {
 
 /// The bb8 manager over a [`Driver`].
 struct Manager<D: Driver> {
-    driver: D,
+    driver: Arc<D>,
     shared: Arc<Shared>,
 }
 
@@ -184,13 +191,20 @@ impl<D: Driver> ManageConnection for Manager<D> {
         // the session is refused at checkout and made again under the new generation.
         let generation = s.epoch.generation();
         let limit = s.settings.connect_timeout;
-        let made = match tokio::time::timeout(limit, self.driver.connect()).await {
-            Ok(made) => made,
-            Err(_) => Err(s.err(
+        let made = tokio::time::timeout(limit, async {
+            let mut conn = self.driver.connect().await?;
+            if s.access.checks_at_connect() {
+                self.driver.check(&mut conn).await?;
+            }
+            Ok(conn)
+        })
+        .await;
+        let made = made.unwrap_or_else(|_| {
+            Err(s.err(
                 ErrorKind::Connection,
                 format_args!("could not connect within {limit:?}"),
-            )),
-        };
+            ))
+        });
         match made {
             Ok(conn) => {
                 let now = Instant::now();
@@ -202,6 +216,7 @@ impl<D: Driver> ManageConnection for Manager<D> {
                     idle_since: now,
                     discarded: false,
                     suspect: false,
+                    checked_at: None,
                 })
             }
             Err(e) => {
@@ -241,6 +256,13 @@ impl<D: Driver> ManageConnection for Manager<D> {
         if !s.epoch.needs_check(&s.settings, s.access, idle_for) {
             return Ok(());
         }
+        // Admitted from standby just now, through the same check.
+        if c.checked_at
+            .take()
+            .is_some_and(|at| at.elapsed() < JUST_CHECKED)
+        {
+            return Ok(());
+        }
         self.driver.check(&mut c.conn).await
     }
 
@@ -255,6 +277,18 @@ impl<D: Driver> ManageConnection for Manager<D> {
 pub struct StampedPool<D: Driver> {
     pool: bb8::Pool<Manager<D>>,
     shared: Arc<Shared>,
+    driver: Arc<D>,
+    standby: Arc<Mutex<Standby<D::Conn>>>,
+}
+
+/// A writer pool's standby session (see [`StampedPool::hold_standby`]).
+struct Standby<C> {
+    /// Asked for and not yet admitted or released: a connect that finishes is kept.
+    wanted: bool,
+    /// A connect is in flight.
+    opening: bool,
+    /// The connected, unchecked session and when it was opened.
+    held: Option<(C, Instant)>,
 }
 
 type Checkout<D> = bb8::PooledConnection<'static, Manager<D>>;
@@ -289,8 +323,9 @@ impl<D: Driver> StampedPool<D> {
             settings,
             failures: watch::channel(None).0,
         });
+        let driver = Arc::new(driver);
         let manager = Manager {
-            driver,
+            driver: driver.clone(),
             shared: shared.clone(),
         };
         let pool = bb8::Pool::builder()
@@ -305,7 +340,16 @@ impl<D: Driver> StampedPool<D> {
             // The router decides what to do about a node that refuses connections.
             .retry_connection(false)
             .build_unchecked(manager);
-        StampedPool { pool, shared }
+        StampedPool {
+            pool,
+            shared,
+            driver,
+            standby: Arc::new(Mutex::new(Standby {
+                wanted: false,
+                opening: false,
+                held: None,
+            })),
+        }
     }
 
     /// The node's name.
@@ -329,6 +373,7 @@ impl<D: Driver> StampedPool<D> {
         PoolState {
             connections: state.connections,
             idle: state.idle_connections,
+            standby: self.holds_standby(),
         }
     }
 
@@ -368,6 +413,104 @@ impl<D: Driver> StampedPool<D> {
                 ))
             }
         }
+    }
+
+    /// Keeps one session connected, and not yet checked, to a writer pool's node while it is not
+    /// the writer (no writer is elected: a failover is under way), so that when the node is
+    /// elected the first write needs no connection setup ([`Self::admit_standby`]). A server
+    /// that has just been promoted, or restarted and promoted, may take a long time to accept
+    /// a connection; one made while it was still in recovery serves at once. The session is
+    /// never handed out before it passed the writer check under the new generation. Opens it
+    /// in a task of its own; does nothing when one is held or opening, or for other pools.
+    pub fn hold_standby(&self) {
+        if self.shared.access != Access::ReadWrite {
+            return;
+        }
+        {
+            let mut st = self.standby.lock();
+            st.wanted = true;
+            if st.opening || st.held.is_some() {
+                return;
+            }
+            st.opening = true;
+        }
+        let slot = Arc::downgrade(&self.standby);
+        let driver = self.driver.clone();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let limit = shared.settings.connect_timeout;
+            let made = tokio::time::timeout(limit, driver.connect()).await;
+            // The pool is gone: drop the session with the task.
+            let Some(slot) = slot.upgrade() else { return };
+            let mut st = slot.lock();
+            st.opening = false;
+            match made {
+                Ok(Ok(conn)) if st.wanted => st.held = Some((conn, Instant::now())),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(node = %shared.node, error = %e, "standby connect failed");
+                }
+                Err(_) => {
+                    tracing::debug!(node = %shared.node, "standby connect timed out");
+                }
+            }
+        });
+    }
+
+    /// Once the node is the elected writer: runs the writer check on the standby session (not
+    /// in recovery, the elected writer's timeline and cluster) and pools it under the current
+    /// generation. Returns whether a session was pooled; a standby that fails the check, or
+    /// finds the pool full, is closed. Stops holding one either way.
+    pub async fn admit_standby(&self) -> bool {
+        let held = {
+            let mut st = self.standby.lock();
+            st.wanted = false;
+            st.held.take()
+        };
+        let Some((mut conn, born)) = held else {
+            return false;
+        };
+        let s = &self.shared;
+        // Read before the check, as a connect does: a change while checking refuses it later.
+        let generation = s.epoch.generation();
+        let checked =
+            tokio::time::timeout(s.settings.connect_timeout, self.driver.check(&mut conn)).await;
+        match checked {
+            Ok(Ok(())) if !self.driver.has_broken(&mut conn) => {}
+            Ok(Ok(())) => return false,
+            Ok(Err(e)) => {
+                tracing::debug!(node = %s.node, error = %e, "standby session refused");
+                return false;
+            }
+            Err(_) => return false,
+        }
+        let now = Instant::now();
+        let stamped = Stamped {
+            conn,
+            generation,
+            born,
+            label: s.label.clone(),
+            idle_since: now,
+            discarded: false,
+            suspect: false,
+            checked_at: Some(now),
+        };
+        self.pool.add(stamped).is_ok()
+    }
+
+    /// Stops holding a standby session (a writer was elected elsewhere) and closes it.
+    pub fn release_standby(&self) {
+        let held = {
+            let mut st = self.standby.lock();
+            st.wanted = false;
+            st.held.take()
+        };
+        drop(held);
+    }
+
+    /// Whether a standby session is held (connected, waiting for an election).
+    pub fn holds_standby(&self) -> bool {
+        self.standby.lock().held.is_some()
     }
 
     /// Every connection the pool may open is open (in use when the wait ran out; one released

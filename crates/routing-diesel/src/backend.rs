@@ -173,9 +173,6 @@ async fn establish(setup: Arc<Setup>, url: String) -> Result<AsyncPgConnection, 
             .await
             .map_err(|e| error::query_error(label, e))?;
     }
-    if setup.access.checks_at_connect() {
-        session_check(label, setup.access, &setup.epoch, &mut conn).await?;
-    }
     Ok(conn)
 }
 
@@ -183,7 +180,6 @@ async fn establish(setup: Arc<Setup>, url: String) -> Result<AsyncPgConnection, 
 struct Setup {
     label: String,
     access: Access,
-    epoch: Epoch,
     connect_timeout: Duration,
     statement_timeout: Option<Duration>,
 }
@@ -224,7 +220,6 @@ impl Backend for DieselBackend {
         let setup = Arc::new(Setup {
             label: label.clone(),
             access,
-            epoch: epoch.clone(),
             connect_timeout: settings.connect_timeout,
             statement_timeout: settings.statement_timeout,
         });
@@ -292,6 +287,18 @@ impl Backend for DieselBackend {
                     .map_err(|e| error::query_error(label, e))
             })
             .await
+    }
+
+    fn hold_standby(pool: &DieselPool) {
+        pool.hold_standby();
+    }
+
+    async fn admit_standby(pool: &DieselPool) -> bool {
+        pool.admit_standby().await
+    }
+
+    fn release_standby(pool: &DieselPool) {
+        pool.release_standby();
     }
 
     fn discard(pooled: &mut PooledConn) {

@@ -73,13 +73,9 @@ impl Driver for SqlxDriver {
     type Conn = PgConnection;
 
     async fn connect(&self) -> Result<PgConnection, BackendError> {
-        let mut conn = PgConnection::connect_with(&self.opts)
+        PgConnection::connect_with(&self.opts)
             .await
-            .map_err(|e| backend_error_at(&self.label, e))?;
-        if self.access.checks_at_connect() {
-            session_check(&self.label, self.access, &self.epoch, &mut conn).await?;
-        }
-        Ok(conn)
+            .map_err(|e| backend_error_at(&self.label, e))
     }
 
     async fn check<'a>(&'a self, conn: &'a mut PgConnection) -> Result<(), BackendError> {
@@ -211,6 +207,18 @@ impl Backend for SqlxBackend {
             .run(async |conn, _| execute(conn, sql).await)
             .await
             .map(drop)
+    }
+
+    fn hold_standby(pool: &NodePool) {
+        pool.hold_standby();
+    }
+
+    async fn admit_standby(pool: &NodePool) -> bool {
+        pool.admit_standby().await
+    }
+
+    fn release_standby(pool: &NodePool) {
+        pool.release_standby();
     }
 
     fn discard(pooled: &mut PooledConn) {

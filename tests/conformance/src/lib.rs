@@ -57,6 +57,11 @@ pub use failover::{
 
 mod commit;
 pub use commit::explicit_commit_returns_the_lsn_after_commit;
+mod standby;
+pub use standby::{
+    a_standby_writer_session_is_pooled_only_after_the_writer_check,
+    the_first_write_after_a_promotion_uses_the_standby_session,
+};
 mod security;
 pub use security::probes_ignore_functions_planted_in_the_search_path;
 mod endpoint;
@@ -164,6 +169,8 @@ macro_rules! conformance_tests {
             web_force_primary_and_method_defaults,
             web_status_handler_serves_the_router_status,
             membership_adds_and_removes_replicas_at_run_time,
+            a_standby_writer_session_is_pooled_only_after_the_writer_check,
+            the_first_write_after_a_promotion_uses_the_standby_session,
         );
     };
     (@each $h:ty; $($name:ident),* $(,)?) => {

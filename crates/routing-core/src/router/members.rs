@@ -121,9 +121,10 @@ impl<B: Backend> NodeFactory<'_, B> {
         let name: Arc<str> = Arc::from(n.name.as_str());
         let (stop_probe, stop) = watch::channel(false);
         let alive = Arc::new(watch::channel(()).0);
+        let writer_pool = Arc::new(pool(Access::ReadWrite, self.pool)?);
         let runtime = NodeRuntime {
             name: name.clone(),
-            writer_pool: pool(Access::ReadWrite, self.pool)?,
+            writer_pool: writer_pool.clone(),
             reader_pool: pool(Access::ReadOnly, self.pool)?,
             in_flight: AtomicUsize::new(0),
             refusal: refusal.clone(),
@@ -135,6 +136,7 @@ impl<B: Backend> NodeFactory<'_, B> {
         };
         let probe = NodeProbe {
             pool: pool(Access::Probe, self.probe)?,
+            writer_pool,
             refusal,
             name,
             interval: self.interval,

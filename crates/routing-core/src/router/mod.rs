@@ -80,7 +80,8 @@ impl<B: Backend> std::fmt::Debug for Router<B> {
 
 pub(crate) struct NodeRuntime<B: Backend> {
     pub(crate) name: Arc<str>,
-    pub(super) writer_pool: B::Pool,
+    /// Shared with the node's monitor task, which keeps its standby session.
+    pub(super) writer_pool: Arc<B::Pool>,
     pub(super) reader_pool: B::Pool,
     pub(crate) in_flight: AtomicUsize,
     /// Fails a waiting checkout at once when the node refuses connections.

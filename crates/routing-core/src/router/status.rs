@@ -17,6 +17,9 @@ pub struct PoolState {
     pub connections: u32,
     /// Open connections waiting in the pool.
     pub idle: u32,
+    /// A writer pool holds a standby session, connected and not counted above, for the first
+    /// write should its node be elected (held only while no writer is elected).
+    pub standby: bool,
 }
 
 /// A node's pools.

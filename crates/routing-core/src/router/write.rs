@@ -76,6 +76,11 @@ impl<B: Backend> Inner<B> {
                 };
                 changes.borrow_and_update();
                 let generation = self.topo.epoch().generation();
+                if access == Access::ReadWrite && B::admit_standby(pool).await {
+                    // Held since before the election: the checkout below gets it, already
+                    // checked, where a new connection to a just-promoted server can take long.
+                    tracing::debug!(node = %node.name, "standby writer session pooled");
+                }
                 // Another writer elected, or another server behind the same node.
                 let moved = || {
                     self.topo.load().writer != Some(w)
