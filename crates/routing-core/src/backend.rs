@@ -381,10 +381,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// While no writer is elected, keeps one session connected to this writer pool's node, not
     /// yet checked and never handed out, so that the first write after the node is elected
-    /// needs no connection setup (see `pool::StampedPool::hold_standby`): connect attempts
-    /// `step` apart until one succeeds. The default does nothing.
-    fn hold_standby(pool: &Self::Pool, step: Duration) {
-        let _ = (pool, step);
+    /// needs no connection setup (see `pool::StampedPool::hold_standby`). The default does
+    /// nothing.
+    fn hold_standby(pool: &Self::Pool) {
+        let _ = pool;
     }
 
     /// Once the pool's node is the elected writer: checks the standby session as a new writer

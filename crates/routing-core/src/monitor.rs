@@ -12,7 +12,7 @@ use futures_util::future::select_all;
 use crate::backend::sql;
 use crate::handle::TopologyHandle;
 use crate::refusal::RefusalCheck;
-use crate::{Backend, BackendError, ErrorKind, ProbeReport, Snapshot};
+use crate::{Backend, BackendError, ErrorKind, NodeRole, ProbeReport, Snapshot};
 
 /// Re-probes triggered by callers come no closer together than this, per node.
 const MIN_REPROBE_GAP: Duration = Duration::from_millis(10);
@@ -79,7 +79,7 @@ async fn run_node<B: Backend>(
         }
         let snap = topo.load_full();
         drop(topo);
-        follow_election::<B>(&writer_pool, &snap, i, &name, attempts.step).await;
+        follow_election::<B>(&writer_pool, &snap, i, &name).await;
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             r = nudges.changed() => {
@@ -92,26 +92,26 @@ async fn run_node<B: Backend>(
     }
 }
 
-/// The writer pool's standby session follows the election: sought while no writer is elected
-/// (a failover is under way, and this node may be the one promoted; its connect attempts run
-/// beside the probe's, `step` apart, so that behind a proxy the write's session is ready when
-/// the probe's is), pooled once this node is elected (after the writer check), closed when
-/// another node is. A load-balanced node is never elected: it holds none.
-async fn follow_election<B: Backend>(
-    pool: &B::Pool,
-    snap: &Snapshot,
-    i: usize,
-    name: &str,
-    step: Duration,
-) {
+/// The writer pool's standby session follows the election: held on a node in recovery while no
+/// writer is elected (a failover is under way: it may be the one promoted), pooled once this
+/// node is elected (after the writer check), closed when another node is.
+async fn follow_election<B: Backend>(pool: &B::Pool, snap: &Snapshot, i: usize, name: &str) {
     match snap.writer {
         Some(w) if w == i => {
             if B::admit_standby(pool).await {
                 tracing::debug!(node = %name, "standby writer session pooled");
             }
         }
-        None if !snap.nodes[i].load_balanced => B::hold_standby(pool, step),
-        _ => B::release_standby(pool),
+        Some(_) => B::release_standby(pool),
+        None => {
+            let n = &snap.nodes[i];
+            // A load-balanced node counts as a replica whatever it is; it is never elected.
+            if n.reachable && n.role == NodeRole::Replica && !n.load_balanced {
+                B::hold_standby(pool);
+            } else {
+                B::release_standby(pool);
+            }
+        }
     }
 }
 
@@ -166,8 +166,8 @@ where
 /// proxy hands on just as the timeout strikes is then used, not thrown away and made again);
 /// one older than [`CONNECT_ATTEMPTS`] steps is dropped then. An answering node costs one
 /// attempt, as before.
-pub(crate) struct Attempts<F> {
-    pub(crate) step: Duration,
+struct Attempts<F> {
+    step: Duration,
     in_flight: VecDeque<(Instant, Pin<Box<F>>)>,
 }
 
@@ -175,17 +175,14 @@ impl<F, T> Attempts<F>
 where
     F: Future<Output = Result<T, BackendError>>,
 {
-    pub(crate) fn new(step: Duration) -> Self {
+    fn new(step: Duration) -> Self {
         Attempts {
             step,
             in_flight: VecDeque::with_capacity(CONNECT_ATTEMPTS as usize),
         }
     }
 
-    pub(crate) async fn checkout(
-        &mut self,
-        connect: &impl Fn() -> Pin<Box<F>>,
-    ) -> Result<T, BackendError> {
+    async fn checkout(&mut self, connect: &impl Fn() -> Pin<Box<F>>) -> Result<T, BackendError> {
         let life = self.step * CONNECT_ATTEMPTS;
         self.in_flight.retain(|(at, _)| at.elapsed() < life);
         loop {

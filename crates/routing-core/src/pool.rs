@@ -418,17 +418,11 @@ impl<D: Driver> StampedPool<D> {
     /// Keeps one session connected, and not yet checked, to a writer pool's node while it is not
     /// the writer (no writer is elected: a failover is under way), so that when the node is
     /// elected the first write needs no connection setup ([`Self::admit_standby`]). A server
-    /// that has just been promoted, or restarted and promoted, may take long to accept a
-    /// connection, and behind a proxy a connection made while no server was up reaches the new
-    /// one late; one made beforehand serves at once. The session is never handed out before it
-    /// passed the writer check under the new generation.
-    ///
-    /// A task of its own connects, as the monitor's probe does: another attempt every `step`
-    /// beside those in flight (the oldest abandoned beyond a few), the first to connect kept.
-    /// It ends when one connects or when [`Self::release_standby`] or [`Self::admit_standby`]
-    /// says it is no longer wanted. Does nothing when a session is held or being opened, or for
-    /// other pools than writers'.
-    pub fn hold_standby(&self, step: Duration) {
+    /// that has just been promoted, or restarted and promoted, may take a long time to accept
+    /// a connection; one made while it was still in recovery serves at once. The session is
+    /// never handed out before it passed the writer check under the new generation. Opens it
+    /// in a task of its own; does nothing when one is held or opening, or for other pools.
+    pub fn hold_standby(&self) {
         if self.shared.access != Access::ReadWrite {
             return;
         }
@@ -443,52 +437,21 @@ impl<D: Driver> StampedPool<D> {
         let slot = Arc::downgrade(&self.standby);
         let driver = self.driver.clone();
         let shared = self.shared.clone();
-        let step = step.max(Duration::from_millis(1));
         tokio::spawn(async move {
             let limit = shared.settings.connect_timeout;
-            let connect = || {
-                let driver = driver.clone();
-                let node = shared.node.clone();
-                Box::pin(async move {
-                    let made = tokio::time::timeout(limit, driver.connect()).await;
-                    made.unwrap_or_else(|_| {
-                        Err(BackendError::new(
-                            ErrorKind::Connection,
-                            format!("{node}: standby connect timed out"),
-                        ))
-                    })
-                })
-            };
-            let mut attempts = crate::monitor::Attempts::new(step);
-            loop {
-                // The pool is gone, or the session is no longer wanted: attempts end here.
-                let Some(held) = slot.upgrade() else { return };
-                {
-                    let mut st = held.lock();
-                    if !st.wanted {
-                        st.opening = false;
-                        return;
-                    }
+            let made = tokio::time::timeout(limit, driver.connect()).await;
+            // The pool is gone: drop the session with the task.
+            let Some(slot) = slot.upgrade() else { return };
+            let mut st = slot.lock();
+            st.opening = false;
+            match made {
+                Ok(Ok(conn)) if st.wanted => st.held = Some((conn, Instant::now())),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(node = %shared.node, error = %e, "standby connect failed");
                 }
-                drop(held);
-                let made = match tokio::time::timeout(step, attempts.checkout(&connect)).await {
-                    Ok(made) => made,
-                    // Still connecting: look again whether it is wanted.
-                    Err(_) => continue,
-                };
-                match made {
-                    Ok(conn) => {
-                        let Some(held) = slot.upgrade() else { return };
-                        let mut st = held.lock();
-                        st.opening = false;
-                        if st.wanted {
-                            st.held = Some((conn, Instant::now()));
-                        }
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::trace!(node = %shared.node, error = %e, "standby connect failed");
-                    }
+                Err(_) => {
+                    tracing::debug!(node = %shared.node, "standby connect timed out");
                 }
             }
         });

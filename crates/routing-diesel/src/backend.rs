@@ -289,8 +289,8 @@ impl Backend for DieselBackend {
             .await
     }
 
-    fn hold_standby(pool: &DieselPool, step: std::time::Duration) {
-        pool.hold_standby(step);
+    fn hold_standby(pool: &DieselPool) {
+        pool.hold_standby();
     }
 
     async fn admit_standby(pool: &DieselPool) -> bool {

@@ -209,8 +209,8 @@ impl Backend for SqlxBackend {
             .map(drop)
     }
 
-    fn hold_standby(pool: &NodePool, step: std::time::Duration) {
-        pool.hold_standby(step);
+    fn hold_standby(pool: &NodePool) {
+        pool.hold_standby();
     }
 
     async fn admit_standby(pool: &NodePool) -> bool {
