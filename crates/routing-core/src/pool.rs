@@ -11,6 +11,7 @@ use std::fmt;
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bb8::ManageConnection;
@@ -59,6 +60,22 @@ struct Stamped<C> {
     /// Passed the access check when it was pooled ([`StampedPool::admit_standby`]): the first
     /// checkout soon after needs no second one.
     checked_at: Option<Instant>,
+}
+
+impl<C> Stamped<C> {
+    /// A session opened at `born`, idle since now, not yet checked at a checkout.
+    fn new(conn: C, generation: u64, born: Instant, label: Arc<str>) -> Self {
+        Stamped {
+            conn,
+            generation,
+            born,
+            label,
+            idle_since: Instant::now(),
+            discarded: false,
+            suspect: false,
+            checked_at: None,
+        }
+    }
 }
 
 /// A session checked out of a [`StampedPool`]: dereferences to the driver's connection and goes
@@ -206,19 +223,12 @@ impl<D: Driver> ManageConnection for Manager<D> {
             ))
         });
         match made {
-            Ok(conn) => {
-                let now = Instant::now();
-                Ok(Stamped {
-                    conn,
-                    generation,
-                    born: now,
-                    label: s.label.clone(),
-                    idle_since: now,
-                    discarded: false,
-                    suspect: false,
-                    checked_at: None,
-                })
-            }
+            Ok(conn) => Ok(Stamped::new(
+                conn,
+                generation,
+                Instant::now(),
+                s.label.clone(),
+            )),
             Err(e) => {
                 tracing::debug!(node = %s.node, access = ?s.access, error = %e, "connect failed");
                 s.failures.send_replace(Some(Failure::of(&e)));
@@ -278,10 +288,17 @@ pub struct StampedPool<D: Driver> {
     pool: bb8::Pool<Manager<D>>,
     shared: Arc<Shared>,
     driver: Arc<D>,
-    standby: Arc<Mutex<Standby<D::Conn>>>,
+    standby: Arc<StandbySlot<D::Conn>>,
 }
 
 /// A writer pool's standby session (see [`StampedPool::hold_standby`]).
+struct StandbySlot<C> {
+    state: Mutex<Standby<C>>,
+    /// `wanted` or `held`: false lets the write path skip the lock ([`StampedPool::admit_standby`]
+    /// runs on every write checkout).
+    active: AtomicBool,
+}
+
 struct Standby<C> {
     /// Asked for and not yet admitted or released: a connect that finishes is kept.
     wanted: bool,
@@ -289,6 +306,39 @@ struct Standby<C> {
     opening: bool,
     /// The connected, unchecked session and when it was opened.
     held: Option<(C, Instant)>,
+}
+
+impl<C> StandbySlot<C> {
+    fn new() -> Self {
+        StandbySlot {
+            state: Mutex::new(Standby {
+                wanted: false,
+                opening: false,
+                held: None,
+            }),
+            active: AtomicBool::new(false),
+        }
+    }
+
+    /// Runs `f` on the state under the lock and keeps `active` in step with it.
+    fn with<T>(&self, f: impl FnOnce(&mut Standby<C>) -> T) -> T {
+        let mut st = self.state.lock();
+        let out = f(&mut st);
+        self.active
+            .store(st.wanted || st.held.is_some(), Ordering::Release);
+        out
+    }
+
+    /// No longer wanted: the held session, if any (a connect in flight is dropped when done).
+    fn take(&self) -> Option<(C, Instant)> {
+        if !self.active.load(Ordering::Acquire) {
+            return None;
+        }
+        self.with(|st| {
+            st.wanted = false;
+            st.held.take()
+        })
+    }
 }
 
 type Checkout<D> = bb8::PooledConnection<'static, Manager<D>>;
@@ -344,11 +394,7 @@ impl<D: Driver> StampedPool<D> {
             pool,
             shared,
             driver,
-            standby: Arc::new(Mutex::new(Standby {
-                wanted: false,
-                opening: false,
-                held: None,
-            })),
+            standby: Arc::new(StandbySlot::new()),
         }
     }
 
@@ -426,13 +472,14 @@ impl<D: Driver> StampedPool<D> {
         if self.shared.access != Access::ReadWrite {
             return;
         }
-        {
-            let mut st = self.standby.lock();
+        let open = self.standby.with(|st| {
             st.wanted = true;
-            if st.opening || st.held.is_some() {
-                return;
-            }
-            st.opening = true;
+            let open = !st.opening && st.held.is_none();
+            st.opening |= open;
+            open
+        });
+        if !open {
+            return;
         }
         let slot = Arc::downgrade(&self.standby);
         let driver = self.driver.clone();
@@ -442,18 +489,26 @@ impl<D: Driver> StampedPool<D> {
             let made = tokio::time::timeout(limit, driver.connect()).await;
             // The pool is gone: drop the session with the task.
             let Some(slot) = slot.upgrade() else { return };
-            let mut st = slot.lock();
-            st.opening = false;
-            match made {
-                Ok(Ok(conn)) if st.wanted => st.held = Some((conn, Instant::now())),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(node = %shared.node, error = %e, "standby connect failed");
+            // A session no longer wanted is closed here, outside the lock.
+            let unwanted = slot.with(|st| {
+                st.opening = false;
+                match made {
+                    Ok(Ok(conn)) if st.wanted => {
+                        st.held = Some((conn, Instant::now()));
+                        None
+                    }
+                    Ok(Ok(conn)) => Some(conn),
+                    Ok(Err(e)) => {
+                        tracing::debug!(node = %shared.node, error = %e, "standby connect failed");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!(node = %shared.node, "standby connect timed out");
+                        None
+                    }
                 }
-                Err(_) => {
-                    tracing::debug!(node = %shared.node, "standby connect timed out");
-                }
-            }
+            });
+            drop(unwanted);
         });
     }
 
@@ -462,12 +517,7 @@ impl<D: Driver> StampedPool<D> {
     /// generation. Returns whether a session was pooled; a standby that fails the check, or
     /// finds the pool full, is closed. Stops holding one either way.
     pub async fn admit_standby(&self) -> bool {
-        let held = {
-            let mut st = self.standby.lock();
-            st.wanted = false;
-            st.held.take()
-        };
-        let Some((mut conn, born)) = held else {
+        let Some((mut conn, born)) = self.standby.take() else {
             return false;
         };
         let s = &self.shared;
@@ -484,33 +534,24 @@ impl<D: Driver> StampedPool<D> {
             }
             Err(_) => return false,
         }
-        let now = Instant::now();
-        let stamped = Stamped {
-            conn,
-            generation,
-            born,
-            label: s.label.clone(),
-            idle_since: now,
-            discarded: false,
-            suspect: false,
-            checked_at: Some(now),
-        };
-        self.pool.add(stamped).is_ok()
+        let checked_at = Instant::now();
+        let stamped = Stamped::new(conn, generation, born, s.label.clone());
+        self.pool
+            .add(Stamped {
+                checked_at: Some(checked_at),
+                ..stamped
+            })
+            .is_ok()
     }
 
     /// Stops holding a standby session (a writer was elected elsewhere) and closes it.
     pub fn release_standby(&self) {
-        let held = {
-            let mut st = self.standby.lock();
-            st.wanted = false;
-            st.held.take()
-        };
-        drop(held);
+        drop(self.standby.take());
     }
 
     /// Whether a standby session is held (connected, waiting for an election).
     pub fn holds_standby(&self) -> bool {
-        self.standby.lock().held.is_some()
+        self.standby.state.lock().held.is_some()
     }
 
     /// Every connection the pool may open is open (in use when the wait ran out; one released

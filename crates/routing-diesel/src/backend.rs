@@ -199,12 +199,7 @@ impl Backend for DieselBackend {
     type QueryError = diesel::result::Error;
 
     fn build_pool(&self, spec: PoolSpec) -> Result<DieselPool, BackendError> {
-        let PoolSpec {
-            node,
-            access,
-            settings,
-            epoch,
-        } = spec;
+        let (node, access, settings) = (&spec.node, spec.access, &spec.settings);
         let label = format!("{} {}", node.name, access_label(access));
         // Parse now so a bad URL fails the router's build, naming the node, instead of every
         // checkout later. Multi-host URLs with target_session_attrs are tokio-postgres's.
@@ -236,19 +231,10 @@ impl Backend for DieselBackend {
         let driver = DieselDriver {
             inner: AsyncDieselConnectionManager::new_with_config(node.url.expose(), config),
             access,
-            epoch: epoch.clone(),
+            epoch: spec.epoch.clone(),
             label: label.clone(),
         };
-        Ok(StampedPool::new(
-            PoolSpec {
-                node,
-                access,
-                settings,
-                epoch,
-            },
-            label,
-            driver,
-        ))
+        Ok(StampedPool::new(spec, label, driver))
     }
 
     async fn checkout(pool: &DieselPool) -> Result<PooledConn, BackendError> {
